@@ -1,0 +1,303 @@
+"""Synergic Deep Learning (SDL^n) network: N independent CNN branches plus one synergic head per branch pair.
+
+Each branch is a torchvision backbone whose 1000-way ImageNet layer is replaced by a hidden fully-connected layer
+(the penultimate features f_i) and a ``num_classes`` prediction layer, as in Zhang et al. (MICCAI 2018 / MedIA 2019)
+and the glioma SDL paper. A synergic head takes the fused features of two branches and predicts one logit for
+"both images show the same class".
+
+Gradient rule: the head learns from the plain synergic BCE gradient, while every branch receives
+``dCE_i/dtheta_i + lambda * dBCE/dtheta_i`` through its features. That is obtained by passing the features entering
+the heads through :func:`scale_gradient` (identity forward, ``lambda`` x gradient backward). Writing the loss as
+``ce_1 + ce_2 + lambda * bce`` instead would also scale the head's own gradient by lambda.
+
+Faces:
+    * ``forward(image)``: mean of the branches' softmax probabilities, ``[B, C]`` (evaluation, inference,
+      TorchScript export, MONAI Deploy). Works with ``torch.jit.trace`` and ``torch.jit.script``.
+    * ``branch_probabilities(image)``: ``[B, N, C]`` for per-branch analysis.
+    * ``forward_pairs(images)``: training face, one image batch per branch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = ["BACKBONES", "FUSIONS", "GradientScale", "SDLBranch", "SDLNet", "scale_gradient"]
+
+logger = logging.getLogger(__name__)
+
+FUSIONS = ("concat", "product")
+
+
+class GradientScale(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the incoming gradient by ``factor`` in the backward pass.
+
+    Placed between a branch's features and the synergic heads so the branch receives ``factor`` x the synergic
+    gradient while the head (downstream of this op) still sees the unscaled loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = float(factor)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad_output * ctx.factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Return ``x`` unchanged, but scale the gradient flowing back through it by ``factor``."""
+    return GradientScale.apply(x, factor)
+
+
+@dataclass(frozen=True)
+class _BackboneSpec:
+    """How to strip a torchvision model's ImageNet classifier: ``strip`` replaces the 1000-way layer with Identity
+    and returns the width of the features that layer consumed."""
+
+    strip: Callable[[nn.Module], int]
+    build_kwargs: dict
+    pretrained_kwargs: dict  # constructor arguments torchvision uses together with ImageNet weights
+
+
+def _strip_sequential_last(attr: str) -> Callable[[nn.Module], int]:
+    """Classifier is an ``nn.Sequential`` whose last entry is the 1000-way Linear (AlexNet, VGG, EfficientNet)."""
+
+    def strip(model: nn.Module) -> int:
+        seq = getattr(model, attr)
+        width = seq[-1].in_features
+        seq[-1] = nn.Identity()
+        return width
+
+    return strip
+
+
+def _strip_attribute(attr: str) -> Callable[[nn.Module], int]:
+    """Classifier is a single Linear attribute (ResNet ``fc``, GoogLeNet ``fc``)."""
+
+    def strip(model: nn.Module) -> int:
+        width = getattr(model, attr).in_features
+        setattr(model, attr, nn.Identity())
+        return width
+
+    return strip
+
+
+_GOOGLENET = {"aux_logits": False, "init_weights": True}
+# The 4096-d FC layers of AlexNet/VGG are kept: only the 1000-way layer is replaced, as in the paper.
+BACKBONES: dict[str, _BackboneSpec] = {
+    "alexnet": _BackboneSpec(_strip_sequential_last("classifier"), {}, {}),
+    "vgg16": _BackboneSpec(_strip_sequential_last("classifier"), {}, {}),
+    "vgg19": _BackboneSpec(_strip_sequential_last("classifier"), {}, {}),
+    "resnet18": _BackboneSpec(_strip_attribute("fc"), {}, {}),
+    "resnet50": _BackboneSpec(_strip_attribute("fc"), {}, {}),
+    "resnet101": _BackboneSpec(_strip_attribute("fc"), {}, {}),
+    "resnet152": _BackboneSpec(_strip_attribute("fc"), {}, {}),
+    "efficientnet_b0": _BackboneSpec(_strip_sequential_last("classifier"), {}, {}),
+    "googlenet": _BackboneSpec(_strip_attribute("fc"), _GOOGLENET, {"transform_input": True}),
+}
+
+
+def _cached_weights_file(backbone: str) -> Path | None:
+    """Path of torchvision's ImageNet checkpoint for ``backbone`` in the torch hub cache, if already downloaded.
+
+    Never downloads: only checks ``<hub dir>/checkpoints/<file name of the weights URL>`` for the default weights
+    first, then any other ImageNet weights of the same architecture.
+    """
+    weights_enum = torchvision.models.get_model_weights(backbone)
+    candidates = [weights_enum.DEFAULT] + [w for w in weights_enum if w != weights_enum.DEFAULT]
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    for weights in candidates:
+        path = checkpoints / Path(weights.url).name
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state_dict saved with ``torch.save``; unwraps ``{"state_dict": ...}`` / ``{"model": ...}``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def build_backbone(
+    backbone: str, pretrained: bool = False, weights_path: str | Path | None = None
+) -> tuple[nn.Module, int]:
+    """Build a torchvision ``backbone`` without its 1000-way layer; return ``(module, feature_width)``.
+
+    With ``pretrained=True`` the ImageNet weights come from ``weights_path`` or the torch hub cache; if neither is
+    available a warning is logged and the backbone keeps its random initialisation (nothing is downloaded).
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}.")
+    spec = BACKBONES[backbone]
+    source: Path | None = None
+    if pretrained:
+        source = Path(weights_path) if weights_path is not None else _cached_weights_file(backbone)
+        if source is not None and not source.is_file():
+            raise FileNotFoundError(f"weights_path {source} does not exist.")
+        if source is None:
+            logger.warning(
+                "No ImageNet weights for %s: no weights_path given and none in the torch hub cache %s; "
+                "the network starts from random initialisation (nothing is downloaded).",
+                backbone,
+                Path(torch.hub.get_dir()) / "checkpoints",
+            )
+    kwargs = dict(spec.build_kwargs)
+    if source is not None:
+        kwargs.update(spec.pretrained_kwargs)
+    model = torchvision.models.get_model(backbone, weights=None, **kwargs)
+    if source is not None:
+        state = _load_state_dict(source)
+        if backbone == "googlenet":  # auxiliary classifiers are not built
+            state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+        model.load_state_dict(state)
+        logger.info("Loaded ImageNet weights for %s from %s.", backbone, source)
+    width = spec.strip(model)
+    return model, width
+
+
+def _init_new_layers(module: nn.Module, bound: float = 0.05) -> None:
+    """Zhang et al. initialise the layers SDL adds with U(-0.05, 0.05); biases start at zero."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.uniform_(layer.weight, -bound, bound)
+            nn.init.zeros_(layer.bias)
+
+
+class SDLBranch(nn.Module):
+    """One DCNN component: backbone -> hidden FC (ReLU) = features f -> dropout -> class logits.
+
+    The synergic heads read ``f`` before dropout, so dropout only regularises the classification layer.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        hidden_size: int,
+        dropout: float,
+        pretrained: bool,
+        weights_path: str | Path | None,
+    ) -> None:
+        super().__init__()
+        self.backbone, width = build_backbone(backbone, pretrained, weights_path)
+        self.hidden = nn.Sequential(nn.Linear(width, hidden_size), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, num_classes))
+        _init_new_layers(self.hidden)
+        _init_new_layers(self.classifier)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(logits [B, C], features [B, hidden])``."""
+        features = self.hidden(torch.flatten(self.backbone(x), 1))
+        return self.classifier(features), features
+
+
+def _synergic_head(in_features: int, hidden: int) -> nn.Module:
+    """Linear -> ReLU -> Linear(1); ``hidden=0`` gives the paper's single sigmoid neuron (one Linear)."""
+    if hidden <= 0:
+        head: nn.Module = nn.Linear(in_features, 1)
+    else:
+        head = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+    _init_new_layers(head)
+    return head
+
+
+class SDLNet(nn.Module):
+    """SDL^n classifier: ``num_branches`` independent branches and C(n, 2) synergic heads.
+
+    Args:
+        backbone: torchvision architecture of every branch, one of :data:`BACKBONES`.
+        num_classes: number of classes (3 glioma grades).
+        num_branches: number of branches N (the paper uses 2).
+        hidden_size: width of the hidden FC layer whose output are the synergic features (Zhang uses 1024).
+        fusion: ``"concat"`` (paper text, Zhang) or ``"product"`` (f_i * f_j, the paper's algorithm box).
+        synergic_lambda: lambda; scales the synergic gradient each branch receives through its features.
+        pretrained: start the backbones from ImageNet weights (local file or hub cache only, never downloaded).
+        weights_path: local torchvision state_dict for the backbone, used when ``pretrained`` is True.
+        dropout: dropout before each branch's prediction layer.
+        synergic_hidden: hidden width of each synergic head MLP; 0 means a single Linear(1).
+
+    ``googlenet`` branches can be traced but not scripted (torchvision's scripted GoogLeNet returns a namedtuple).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "alexnet",
+        num_classes: int = 3,
+        num_branches: int = 2,
+        hidden_size: int = 1024,
+        fusion: str = "concat",
+        synergic_lambda: float = 3.0,
+        pretrained: bool = False,
+        weights_path: str | Path | None = None,
+        dropout: float = 0.5,
+        synergic_hidden: int = 512,
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}.")
+        if fusion not in FUSIONS:
+            raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
+        if num_branches < 2:
+            raise ValueError(f"SDL needs at least 2 branches, got {num_branches}.")
+        self.num_classes = num_classes
+        self.num_branches = num_branches
+        self.fusion = fusion
+        self.synergic_lambda = float(synergic_lambda)
+        self.branches = nn.ModuleList(
+            SDLBranch(backbone, num_classes, hidden_size, dropout, pretrained, weights_path)
+            for _ in range(num_branches)
+        )
+        self.head_pairs = list(  # [(i, j)], one synergic head per branch pair
+            itertools.combinations(range(num_branches), 2)
+        )
+        head_in = 2 * hidden_size if fusion == "concat" else hidden_size
+        self.heads = nn.ModuleList(_synergic_head(head_in, synergic_hidden) for _ in self.head_pairs)
+
+    def branch_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities of every branch for the same images: ``[B, N, C]``."""
+        probs: list[torch.Tensor] = []
+        for branch in self.branches:
+            logits, _ = branch(image)
+            probs.append(torch.softmax(logits, dim=1))
+        return torch.stack(probs, dim=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Classifier face: mean of the branches' probabilities, ``[B, C]`` (argmax equals Zhang's summed rule)."""
+        return self.branch_probabilities(image).mean(dim=1)
+
+    def fuse(self, f_i: torch.Tensor, f_j: torch.Tensor) -> torch.Tensor:
+        """Combine two branches' features into a synergic head input."""
+        return torch.cat([f_i, f_j], dim=1) if self.fusion == "concat" else f_i * f_j
+
+    def forward_pairs(self, images: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Training face: branch i classifies ``images[i]``; every head judges whether its pair shares a class.
+
+        Returns ``{"logits": N x [B, C], "features": N x [B, hidden], "synergic_logits": heads x [B]}``, heads in
+        :attr:`head_pairs` order. Features enter the heads through ``scale_gradient(f, synergic_lambda)``.
+        """
+        if len(images) != self.num_branches:
+            raise ValueError(f"Expected {self.num_branches} image batches (one per branch), got {len(images)}.")
+        logits, features = [], []
+        for branch, image in zip(self.branches, images, strict=True):
+            out, feat = branch(image)
+            logits.append(out)
+            features.append(feat)
+        scaled = [scale_gradient(f, self.synergic_lambda) for f in features]
+        synergic = [
+            head(self.fuse(scaled[i], scaled[j])).squeeze(1)
+            for head, (i, j) in zip(self.heads, self.head_pairs, strict=True)
+        ]
+        return {"logits": logits, "features": features, "synergic_logits": synergic}

@@ -1,0 +1,238 @@
+"""MONAI engines for Synergic Deep Learning: a pair trainer, an ensemble evaluator and the paper's lr decay.
+
+``SDLTrainer`` overrides ``SupervisedTrainer._iteration`` (not ``iteration_update``, which would bypass AMP, the
+GradScaler and MONAI's iteration events) so handlers, metrics and ``from_engine`` keep working.
+The synergic weight lambda is *not* in the loss: it lives in the network's gradient scaling (see
+``scripts.network.scale_gradient``), so the total loss is simply ``sum(CE_i) + sum(BCE_heads)``.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.utils import CommonKeys as Keys
+from torch import nn
+
+__all__ = ["InverseTimeDecay", "SDLEvaluator", "SDLTrainer", "branch_letters", "paper_lr_scheduler"]
+
+
+def branch_letters(num_branches: int) -> list[str]:
+    """Batch key suffixes of the branches: ``a``, ``b``, ``c``, ... (``image_a``, ``label_a``, ...)."""
+    if not 1 <= num_branches <= len(string.ascii_lowercase):
+        raise ValueError(f"num_branches must be in [1, 26], got {num_branches}.")
+    return list(string.ascii_lowercase[:num_branches])
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    """The bare SDLNet behind DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    network = getattr(network, "_orig_mod", network)
+    return getattr(network, "module", network)
+
+
+class SDLTrainer(SupervisedTrainer):
+    """Trains an ``SDLNet`` on pair batches ``{"image_a", "label_a", "image_b", "label_b", ...}``.
+
+    Branch i (letter a, b, c, ...) classifies ``image_<letter>``; the target of each synergic head (i, j) is
+    ``label_i == label_j``, computed from the labels (a ``synergic_label`` key in the batch is therefore not needed
+    and, if present, ignored). ``prepare_batch`` is not used: pair batches do not fit its image/label contract,
+    every tensor in the batch is moved to the device instead.
+
+    ``engine.state.output`` (a dict, detached tensors):
+        ``loss`` total loss; ``ce_a``, ``ce_b``, ... per-branch cross-entropy; ``synergic_bce`` mean BCE over heads;
+        ``synergic_acc`` fraction of correct same/different decisions over all heads;
+        ``pred`` ``[N*B, C]`` each branch's probabilities for its own images and ``label`` ``[N*B]`` (so
+        ``from_engine(["pred", "label"])`` gives training accuracy); ``pred_a``/``label_a``, ... per branch.
+
+    With ``decollate=True`` (the default, as in SupervisedTrainer) MONAI turns this dict into ``N*B`` per-sample
+    dicts after ``MODEL_COMPLETED``: scalars are replicated and ``pred_a``/``label_a``... are padded with None past
+    ``B`` samples; ``from_engine(["pred", "label"])`` still feeds Ignite metrics. Pass ``decollate=False`` to keep
+    the batched dict. Extra args: ``synergic_loss`` (default ``BCEWithLogitsLoss``); ``loss_function`` is the
+    per-branch classification loss (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        inferer: Any = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = True,
+        optim_set_to_none: bool = True,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
+        accumulation_steps: int = 1,
+        synergic_loss: Callable | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=nn.CrossEntropyLoss() if loss_function is None else loss_function,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            inferer=inferer,
+            postprocessing=postprocessing,
+            key_train_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            train_handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            optim_set_to_none=optim_set_to_none,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+            compile=compile,
+            compile_kwargs=compile_kwargs,
+            accumulation_steps=accumulation_steps,
+        )
+        self.synergic_loss = nn.BCEWithLogitsLoss() if synergic_loss is None else synergic_loss
+
+    def _to_device(self, engine: SDLTrainer, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(engine.state.device, non_blocking=engine.non_blocking, **engine.to_kwargs)
+        return value
+
+    def _accumulation_flags(self, engine: SDLTrainer) -> tuple[bool, bool]:
+        """(zero the gradients now, step the optimizer now), as SupervisedTrainer decides them."""
+        acc = engine.accumulation_steps
+        if acc <= 1:
+            return True, True
+        epoch_length = engine.state.epoch_length
+        local_iter = (engine.state.iteration - 1) % epoch_length if epoch_length else engine.state.iteration - 1
+        last = epoch_length is not None and (local_iter + 1) == epoch_length
+        return local_iter % acc == 0, (local_iter + 1) % acc == 0 or last
+
+    def _compute_losses(self, engine: SDLTrainer, images: list, labels: list) -> torch.Tensor:
+        """Forward the pairs, fill ``engine.state.output`` and return the (undetached) total loss."""
+        net = _unwrap(engine.network)
+        out = net.forward_pairs(images)
+        letters = branch_letters(len(images))
+        state: dict[str, Any] = {}
+        preds = []
+        for letter, logits, label in zip(letters, out["logits"], labels, strict=True):
+            probs = torch.softmax(logits.detach().float(), dim=1)
+            preds.append(probs)
+            state[f"pred_{letter}"], state[f"label_{letter}"] = probs, label
+        state[Keys.PRED], state[Keys.LABEL] = torch.cat(preds), torch.cat(labels)
+        engine.state.output = state
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        ces = [engine.loss_function(logits, label).mean() for logits, label in zip(out["logits"], labels, strict=True)]
+        bces, correct = [], []
+        for logit, (i, j) in zip(out["synergic_logits"], net.head_pairs, strict=True):
+            target = (labels[i] == labels[j]).to(logit.dtype)
+            bces.append(self.synergic_loss(logit, target).mean())
+            correct.append(((logit.detach() > 0) == target.bool()).float())
+        total = torch.stack(ces).sum() + torch.stack(bces).sum()
+        for letter, ce in zip(letters, ces, strict=True):
+            state[f"ce_{letter}"] = ce.detach()
+        state["synergic_bce"] = torch.stack(bces).detach().mean()
+        state["synergic_acc"] = torch.cat(correct).mean()
+        state[Keys.LOSS] = total.detach()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        return total
+
+    def _iteration(self, engine: SDLTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        """One SDL step: N branch CEs + C(N,2) synergic BCEs, backward, optimizer step (AMP-aware)."""
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = {k: self._to_device(engine, v) for k, v in batchdata.items()}
+        letters = [c for c in string.ascii_lowercase if f"image_{c}" in batch]
+        if len(letters) < 2 or letters != branch_letters(len(letters)):
+            raise KeyError(f"Pair batches need image_a, image_b, ... with label_*; got keys {sorted(batch)}.")
+        images = [batch[f"image_{c}"] for c in letters]
+        labels = [batch[f"label_{c}"].long().view(-1) for c in letters]
+
+        zero_grad, step = self._accumulation_flags(engine)
+        acc = engine.accumulation_steps
+        engine.network.train()
+        if zero_grad:
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs):
+                loss = self._compute_losses(engine, images, labels)
+            engine.scaler.scale(loss / acc if acc > 1 else loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if step:
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
+        else:
+            loss = self._compute_losses(engine, images, labels)
+            (loss / acc if acc > 1 else loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if step:
+                engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class SDLEvaluator(SupervisedEvaluator):
+    """Evaluates (or infers on) unpaired batches ``{"image": [B,3,H,W], "label": [B] (optional)}``.
+
+    Runs the branches once through ``engine.inferer`` on ``network.branch_probabilities`` (DDP/compile wrappers are
+    unwrapped) and outputs ``pred`` = the branch mean ``[B, C]`` (the default prediction), ``branch_preds``
+    ``[B, N, C]`` and ``label`` when the batch has one. Same constructor as ``SupervisedEvaluator``.
+    """
+
+    def _iteration(self, engine: SDLEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        net = _unwrap(engine.network)
+        with engine.mode(engine.network):
+            if engine.amp:
+                with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs):
+                    branch_preds = engine.inferer(inputs, net.branch_probabilities)
+            else:
+                branch_preds = engine.inferer(inputs, net.branch_probabilities)
+        branch_preds = branch_preds.float()
+        engine.state.output = {Keys.IMAGE: inputs, Keys.PRED: branch_preds.mean(dim=1), "branch_preds": branch_preds}
+        if targets is not None:
+            engine.state.output[Keys.LABEL] = targets
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class InverseTimeDecay:
+    """``lr_lambda`` of the paper's schedule, lr / (1 + decay * epoch); a class so LambdaLR can checkpoint it."""
+
+    def __init__(self, decay: float = 1e-4) -> None:
+        self.decay = float(decay)
+
+    def __call__(self, epoch: int) -> float:
+        return 1.0 / (1.0 + self.decay * epoch)
+
+
+def paper_lr_scheduler(optimizer: torch.optim.Optimizer, decay: float = 1e-4) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr_t = lr_0 / (1 + decay * t), t = completed epochs; use with ``LrScheduleHandler(epoch_level=True)``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=InverseTimeDecay(decay))

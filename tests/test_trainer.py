@@ -1,0 +1,243 @@
+"""Tests for the SDL engines: pair trainer outputs and events, metrics, lr schedule, evaluator, N=3, learning."""
+
+from __future__ import annotations
+
+import pickle
+import string
+from collections import Counter
+
+import pytest
+import torch
+from ignite.engine import Events
+from ignite.metrics import Accuracy
+from monai.engines.utils import IterationEvents
+from monai.handlers import LrScheduleHandler, from_engine
+from scripts.network import SDLNet
+from scripts.trainer import SDLEvaluator, SDLTrainer, paper_lr_scheduler
+from torch.utils.data import DataLoader, Dataset
+
+SIZE, BATCH, CLASSES = 64, 4, 3
+
+
+class PairDataset(Dataset):
+    """Random pairs; with ``learnable`` each class is a distinct constant brightness plus a little noise."""
+
+    def __init__(self, length: int = 8, num_branches: int = 2, learnable: bool = False, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.letters = string.ascii_lowercase[:num_branches]
+        self.labels = torch.randint(0, CLASSES, (length, num_branches), generator=gen)
+        noise = torch.randn(length, num_branches, 3, SIZE, SIZE, generator=gen)
+        if learnable:
+            level = self.labels.float().sub(1.0).view(length, num_branches, 1, 1, 1)
+            self.images = level + 0.1 * noise
+        else:
+            self.images = noise
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: int) -> dict:
+        item = {}
+        for k, letter in enumerate(self.letters):
+            item[f"image_{letter}"] = self.images[idx, k]
+            item[f"label_{letter}"] = self.labels[idx, k]
+        item["synergic_label"] = (self.labels[idx, 0] == self.labels[idx, 1]).float()
+        return item
+
+
+def _net(num_branches: int = 2, **kwargs) -> SDLNet:
+    torch.manual_seed(0)
+    return SDLNet(num_branches=num_branches, hidden_size=32, synergic_hidden=16, **kwargs)
+
+
+def _trainer(net: SDLNet, loader, max_epochs: int = 1, lr: float = 1e-3, **kwargs) -> SDLTrainer:
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    return SDLTrainer(
+        device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=net, optimizer=optimizer, **kwargs
+    )
+
+
+def _loader(**kwargs) -> DataLoader:
+    return DataLoader(PairDataset(**kwargs), batch_size=BATCH, shuffle=False)
+
+
+def test_two_epochs_output_and_events():
+    trainer = _trainer(_net(), _loader(length=8), max_epochs=2, decollate=False)
+    counts: Counter = Counter()
+    order: list[str] = []
+    for event in (
+        IterationEvents.FORWARD_COMPLETED,
+        IterationEvents.LOSS_COMPLETED,
+        IterationEvents.BACKWARD_COMPLETED,
+        IterationEvents.MODEL_COMPLETED,
+    ):
+
+        def record(engine, name=event.name):
+            counts[name] += 1
+            if engine.state.iteration == 1:
+                order.append(name)
+
+        trainer.add_event_handler(event, record)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    trainer.run()
+
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 4
+    assert counts == Counter(
+        {"FORWARD_COMPLETED": 4, "LOSS_COMPLETED": 4, "BACKWARD_COMPLETED": 4, "MODEL_COMPLETED": 4}
+    )
+    assert order == ["FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED", "MODEL_COMPLETED"]
+    out = trainer.state.output
+    assert isinstance(out, dict)
+    for key in ("loss", "ce_a", "ce_b", "synergic_bce", "synergic_acc"):
+        assert out[key].shape == () and torch.isfinite(out[key]) and not out[key].requires_grad
+    assert torch.allclose(out["loss"], out["ce_a"] + out["ce_b"] + out["synergic_bce"], atol=1e-5)
+    assert 0.0 <= out["synergic_acc"].item() <= 1.0
+    assert out["pred"].shape == (2 * BATCH, CLASSES) and out["label"].shape == (2 * BATCH,)
+    assert torch.allclose(out["pred"].sum(dim=1), torch.ones(2 * BATCH), atol=1e-5)
+    assert out["pred_a"].shape == (BATCH, CLASSES) and out["label_b"].shape == (BATCH,)
+    assert torch.equal(out["pred"], torch.cat([out["pred_a"], out["pred_b"]]))
+    assert torch.equal(out["label"], torch.cat([out["label_a"], out["label_b"]]))
+    assert len(outputs) == 4
+
+
+def test_one_step_updates_both_branches_and_the_head():
+    net = _net()
+    tracked = {
+        "branch_a": net.branches[0].backbone.features[0].weight,
+        "branch_b": net.branches[1].backbone.features[0].weight,
+        "hidden_b": net.branches[1].hidden[0].weight,
+        "head": net.heads[0][0].weight,
+    }
+    before = {k: v.detach().clone() for k, v in tracked.items()}
+    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1, decollate=False).run()
+    for name, param in tracked.items():
+        assert not torch.equal(param, before[name]), name
+
+
+@pytest.mark.parametrize("decollate", [True, False])
+def test_ignite_accuracy_from_engine(decollate):
+    trainer = _trainer(_net(), _loader(length=8), decollate=decollate)
+    Accuracy(output_transform=from_engine(["pred", "label"])).attach(trainer, "train_acc")
+    if not decollate:  # decollated pred_a/label_a are padded with None past B: needs a None-aware transform
+        Accuracy(output_transform=from_engine(["pred_a", "label_a"])).attach(trainer, "acc_a")
+    trainer.run()
+    assert 0.0 <= trainer.state.metrics["train_acc"] <= 1.0
+    assert decollate or 0.0 <= trainer.state.metrics["acc_a"] <= 1.0
+    if decollate:  # per-sample dicts: N*B of them, scalars replicated
+        assert isinstance(trainer.state.output, list) and len(trainer.state.output) == 2 * BATCH
+        assert 0.0 <= float(trainer.state.output[0]["synergic_acc"]) <= 1.0
+
+
+@pytest.mark.parametrize("decay", [1e-4, 0.5])
+def test_lr_follows_inverse_time_decay(decay):
+    net = _net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    scheduler = paper_lr_scheduler(optimizer, decay=decay)
+    trainer = SDLTrainer(
+        device="cpu",
+        max_epochs=3,
+        train_data_loader=_loader(length=4),
+        network=net,
+        optimizer=optimizer,
+        train_handlers=[LrScheduleHandler(scheduler, epoch_level=True, print_lr=False)],
+    )
+    seen = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(optimizer.param_groups[0]["lr"]))
+    trainer.run()
+    expected = [0.01 / (1 + decay * epoch) for epoch in range(3)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+
+    # the scheduler state (including its lr_lambda) survives a checkpoint round trip
+    state = pickle.loads(pickle.dumps(scheduler.state_dict()))
+    fresh = paper_lr_scheduler(torch.optim.SGD(net.parameters(), lr=0.01), decay=0.0)
+    fresh.load_state_dict(state)
+    assert fresh.lr_lambdas[0].decay == decay and fresh.last_epoch == 3
+
+
+def test_three_branches_train():
+    trainer = _trainer(_net(num_branches=3), _loader(length=4, num_branches=3), decollate=False)
+    trainer.run()
+    out = trainer.state.output
+    assert {"ce_a", "ce_b", "ce_c", "pred_c", "label_c"} <= set(out)
+    assert out["pred"].shape == (3 * BATCH, CLASSES) and out["label"].shape == (3 * BATCH,)
+    assert torch.allclose(out["loss"], out["ce_a"] + out["ce_b"] + out["ce_c"] + 3 * out["synergic_bce"], atol=1e-5)
+
+
+def test_missing_pair_keys_raise():
+    bad = [{"image": torch.zeros(2, 3, SIZE, SIZE), "label": torch.zeros(2, dtype=torch.long)}]
+    with pytest.raises(KeyError, match="image_a"):
+        _trainer(_net(), bad).run()
+
+
+def _unpaired_loader(with_labels: bool) -> DataLoader:
+    gen = torch.Generator().manual_seed(3)
+    items = []
+    for i in range(6):
+        item = {"image": torch.randn(3, SIZE, SIZE, generator=gen)}
+        if with_labels:
+            item["label"] = torch.tensor(i % CLASSES)
+        items.append(item)
+    return DataLoader(items, batch_size=BATCH)
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_evaluator_outputs(with_labels):
+    net = _net()
+    evaluator = SDLEvaluator(device="cpu", val_data_loader=_unpaired_loader(with_labels), network=net, decollate=False)
+    outputs = []
+    evaluator.add_event_handler(IterationEvents.MODEL_COMPLETED, lambda e: outputs.append(e.state.output))
+    evaluator.run()
+    assert len(outputs) == 2
+    out = outputs[0]
+    assert out["pred"].shape == (BATCH, CLASSES) and out["branch_preds"].shape == (BATCH, 2, CLASSES)
+    assert torch.allclose(out["pred"].sum(dim=1), torch.ones(BATCH), atol=1e-5)
+    assert torch.allclose(out["pred"], out["branch_preds"].mean(dim=1))
+    assert not out["pred"].requires_grad
+    assert ("label" in out) == with_labels
+    # evaluated in eval mode (dropout off): equals the eager eval-mode ensemble on the first batch
+    first = next(iter(_unpaired_loader(with_labels)))["image"]
+    with torch.no_grad():
+        assert torch.allclose(out["pred"], net.eval()(first), atol=1e-6)
+
+
+def test_evaluator_metric_with_default_decollate():
+    evaluator = SDLEvaluator(
+        device="cpu",
+        val_data_loader=_unpaired_loader(True),
+        network=_net(),
+        key_val_metric={"val_acc": Accuracy(output_transform=from_engine(["pred", "label"]))},
+    )
+    evaluator.run()
+    assert 0.0 <= evaluator.state.metrics["val_acc"] <= 1.0
+    assert evaluator.state.output[0]["branch_preds"].shape == (2, CLASSES)
+
+
+def test_loss_decreases_on_learnable_task():
+    torch.manual_seed(0)
+    net = SDLNet(backbone="resnet18", hidden_size=32, synergic_hidden=16, dropout=0.0)
+    loader = DataLoader(PairDataset(length=16, learnable=True, seed=1), batch_size=BATCH, shuffle=False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    trainer = SDLTrainer(
+        device="cpu", max_epochs=5, train_data_loader=loader, network=net, optimizer=optimizer, decollate=False
+    )
+    epoch_losses: list[float] = []
+    losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+
+    def close_epoch(_):
+        epoch_losses.append(sum(losses) / len(losses))
+        losses.clear()
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, close_epoch)
+    trainer.run()
+    assert epoch_losses[-1] < 0.7 * epoch_losses[0], epoch_losses
+    assert all(b < a for a, b in zip(epoch_losses, epoch_losses[1:], strict=False)), epoch_losses
+
+
+def test_amp_path_runs_on_cpu():
+    """amp=True takes the autocast + GradScaler branch (the scaler disables itself without CUDA)."""
+    trainer = _trainer(_net(), _loader(length=4), amp=True, decollate=False)
+    trainer.run()
+    assert trainer.scaler is not None
+    assert torch.isfinite(trainer.state.output["loss"]) and trainer.state.output["pred"].dtype == torch.float32
