@@ -1,0 +1,245 @@
+"""Glue the bundle configs call: where the slices come from, what goes to the logs, where to resume.
+
+Kept apart from the data layer so the configs stay wiring only: each function here answers one question a
+run asks before or while it trains ("which datalist?", "which slices of this input?", "which checkpoint
+do I resume from?").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_RECORD_KEYS = ("image", "label", "patient_id")
+
+
+def _with_image_path(records: list[dict]) -> list[dict]:
+    """Keep the source path beside `image`, which LoadImaged replaces by the pixels, for the reports."""
+    return [{**record, "image_path": str(record["image"])} for record in records]
+
+
+def load_datalist(path: str | Path) -> list[dict]:
+    """Read a datalist JSON: a list of records, or MONAI's ``{"training": [...]}`` form."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+    if isinstance(content, Mapping):
+        content = content.get("training", content.get("data"))
+    if not isinstance(content, list) or not content:
+        raise ValueError(f"datalist {path} must hold a non-empty list of records (or {{'training': [...]}})")
+    for i, record in enumerate(content):
+        missing = [k for k in REQUIRED_RECORD_KEYS if k not in record]
+        if missing:
+            raise ValueError(f"datalist {path}: record {i} lacks {missing}; each needs {list(REQUIRED_RECORD_KEYS)}")
+    return content
+
+
+def resolve_datalist(
+    datalist: str | None = None,
+    dataset_dir: str | None = None,
+    grades_csv: str | None = None,
+    *,
+    index_output: str | None = None,
+    patient_column: str = "Sample",
+    grade_column: str = "Grade",
+    label_map: Mapping[str, int] | None = None,
+    grade_aliases: Mapping[str, str] | None = None,
+    include_post_contrast: bool = True,
+    demo_cache_dir: str | None = None,
+) -> list[dict]:
+    """The records a run trains and evaluates on, from the first source given.
+
+    1. ``datalist``: a JSON written by ``run indexing`` (or by hand);
+    2. ``dataset_dir`` + ``grades_csv``: a DICOM tree indexed now, its datalist and report written to
+       ``index_output`` (default: ``datalist.json`` beside nothing else, in the current folder);
+    3. nothing: the synthetic demo dataset, generated on first use into a cache folder.
+    """
+    from scripts.dicom_index import write_datalist
+
+    if datalist:
+        records = load_datalist(datalist)
+        logger.info("using datalist %s: %d slices", datalist, len(records))
+        return _with_image_path(records)
+    if dataset_dir is None and grades_csv is not None:
+        raise ValueError(f"grades_csv {grades_csv} was given without --dataset_dir (the DICOM tree to index)")
+    if dataset_dir is not None and grades_csv is None:
+        raise ValueError(
+            f"--dataset_dir {dataset_dir} needs --grades_csv, the clinical table with each patient's grade"
+        )
+    if dataset_dir is None:
+        from scripts.demo_data import ensure_demo_dataset
+
+        demo = ensure_demo_dataset(demo_cache_dir)
+        dataset_dir, grades_csv = demo["dicom_dir"], demo["grades_csv"]
+        patient_column, grade_column = "Sample", "Grade"
+        logger.warning("no dataset given: training on the SYNTHETIC demo dataset in %s (not patient data)", dataset_dir)
+    if index_output is None:
+        index_output = str(Path(dataset_dir).resolve().parent / f"{Path(dataset_dir).name}_datalist.json")
+    records = write_datalist(
+        dataset_dir,
+        grades_csv,
+        index_output,
+        patient_column=patient_column,
+        grade_column=grade_column,
+        label_map=dict(label_map) if label_map is not None else None,
+        grade_aliases=dict(grade_aliases) if grade_aliases is not None else None,
+        include_post_contrast=include_post_contrast,
+    )
+    return _with_image_path(records)
+
+
+def inference_records(input_path: str, output_dir: str, *, include_post_contrast: bool = True) -> list[dict]:
+    """T1-weighted sagittal slices of a DICOM file, series folder or tree, selected as the indexer does.
+
+    Files left out are listed in ``output_dir/skipped.csv`` with their reasons, so a user who expected a
+    slice to be graded can see why it was not.
+    """
+    from scripts.dicom_index import select_t1_sagittal
+
+    if not input_path:
+        raise ValueError("inference needs --input: a DICOM file, a series folder or a DICOM tree")
+    result = select_t1_sagittal(input_path, include_post_contrast=include_post_contrast)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "skipped.csv", "w") as f:
+        f.write("path,reason,detail\n")
+        for skip in result.skipped:
+            detail = str(skip.get("detail", "")).replace('"', "'")
+            f.write(f'"{skip["path"]}","{skip["reason"]}","{detail}"\n')
+    if not result.slices:
+        raise ValueError(
+            f"no T1-weighted sagittal MR slice found in {input_path} ({len(result.skipped)} files skipped; "
+            f"reasons in {out / 'skipped.csv'})"
+        )
+    logger.info(
+        "inference input %s: %d slices selected, %d files skipped", input_path, len(result.slices), len(result.skipped)
+    )
+    return _with_image_path(result.slices)
+
+
+class ScalarOutputs:
+    """Output transform giving the named scalars of a trainer's output, for Stats/TensorBoard handlers.
+
+    MONAI decollates the trainer output into one dict per sample and repeats the batch's scalars in each,
+    so the first sample holds them all.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = list(keys)
+
+    def __call__(self, output) -> dict[str, float]:
+        first = output[0] if isinstance(output, list) else output
+        return {key: float(first[key]) for key in self.keys if key in first}
+
+
+class OutputKey:
+    """Output transform giving one key of every decollated sample, e.g. per-branch predictions."""
+
+    def __init__(self, pred_key: str, label_key: str) -> None:
+        self.pred_key, self.label_key = pred_key, label_key
+
+    def __call__(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(output, dict):
+            return output[self.pred_key], output[self.label_key]
+        # decollation pads samples past this branch's batch with None (the output also holds the
+        # concatenation of every branch's predictions, which is longer): keep the real ones.
+        kept = [o for o in output if o.get(self.pred_key) is not None]
+        preds = torch.stack([o[self.pred_key] for o in kept])
+        labels = torch.stack([torch.as_tensor(o[self.label_key]) for o in kept])
+        return preds, labels
+
+
+class LearningRateRecorder:
+    """Store the optimizer's learning rate in ``engine.state.learning_rate`` at the end of every epoch, so
+    `TensorBoardStatsHandler(state_attributes=["learning_rate"])` plots the paper's decay."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def attach(self, engine: Engine) -> None:
+        engine.state.learning_rate = self.optimizer.param_groups[0]["lr"]
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.state.learning_rate = self.optimizer.param_groups[0]["lr"]
+
+
+class BestModelSaver:
+    """Save ``{"model": state_dict}`` to ``save_dir/filename`` whenever the evaluator's key metric improves.
+
+    MONAI's `CheckpointSaver` writes a lone object as a bare state_dict; MONAI Label, `ckpt_export
+    --key_in_ckpt model` and model-zoo bundles expect the weights under the key ``model``. The file is
+    written to a temporary name and renamed, so an interrupted save never leaves a broken ``model.pt``.
+    """
+
+    def __init__(self, network: torch.nn.Module, save_dir: str | Path, metric_name: str, filename: str = "model.pt"):
+        self.network = network
+        self.path = Path(save_dir) / filename
+        self.metric_name = metric_name
+        self.best = float("-inf")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = float(engine.state.metrics[self.metric_name])
+        if value <= self.best:
+            return
+        self.best = value
+        network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save({"model": network.state_dict()}, partial)
+        partial.replace(self.path)
+        logger.info("saved %s (%s %.4f)", self.path, self.metric_name, value)
+
+
+_EPOCH_IN_NAME = re.compile(r"epoch=(\d+)")
+
+
+def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> str | None:
+    """Path of the newest resumable checkpoint (``<prefix>*epoch=N.pt``) in ``ckpt_dir``, or None."""
+    candidates = []
+    for path in Path(ckpt_dir).glob(f"{prefix}*.pt"):
+        match = _EPOCH_IN_NAME.search(path.name)
+        if match:
+            candidates.append((int(match.group(1)), path))
+    if not candidates:
+        return None
+    return str(max(candidates)[1])
+
+
+def attach_handlers(engine: Engine, handlers: Sequence) -> Engine:
+    """Attach handlers to an engine that already exists (those whose config refers to the engine itself)."""
+    for handler in handlers:
+        handler.attach(engine)
+    return engine
+
+
+def resume_handlers(resume: bool, ckpt_dir: str, load_dict: Mapping[str, object], map_location=None) -> list:
+    """A `CheckpointLoader` for the last checkpoint when ``resume`` is set, else nothing.
+
+    Asking to resume with no checkpoint is an error, not a silent fresh start: a user who resumes expects
+    the weights, optimizer, scheduler and epoch counter of the run they stopped.
+    """
+    if not resume:
+        return []
+    from monai.handlers import CheckpointLoader
+
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(f"--resume was set but {ckpt_dir} holds no checkpoint*epoch=N.pt to resume from")
+    logger.info("resuming from %s", path)
+    return [CheckpointLoader(load_path=path, load_dict=dict(load_dict), map_location=map_location)]

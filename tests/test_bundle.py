@@ -1,0 +1,158 @@
+"""End to end through `python -m monai.bundle`, exactly as users run it, on a tiny generated DICOM tree.
+
+One module-scoped training run (2 epochs, 64x64 images) feeds the evaluating, inference and consistency
+tests; resume gets its own short run. The runs happen in subprocesses from the repository root, so the
+config wiring, `scripts` imports and command-line overrides are tested the way the README uses them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+TRAIN = "bundle/configs/train.yaml"
+EVALUATE = "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']"
+INFERENCE = "bundle/configs/inference.yaml"
+SMALL = ["--image_size", "64", "--batch_size", "4", "--num_workers", "0"]
+
+
+def bundle_run(run_id: str, config_file: str, *overrides: str, timeout: int = 900) -> str:
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *overrides]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{log[-6000:]}"
+    return log
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> dict:
+    from scripts.demo_data import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    return generate_demo_dataset(root, n_patients_per_grade=4, slices_per_series=3, image_size=(72, 64), seed=1)
+
+
+@pytest.fixture(scope="module")
+def data_args(tiny_dataset, tmp_path_factory) -> list[str]:
+    datalist = tmp_path_factory.mktemp("index") / "datalist.json"
+    bundle_run(
+        "indexing",
+        TRAIN,
+        "--dataset_dir", tiny_dataset["dicom_dir"],
+        "--grades_csv", tiny_dataset["grades_csv"],
+        "--patient_column", "Sample",
+        "--grade_column", "Grade",
+        "--datalist", str(datalist),
+    )  # fmt: skip
+    return ["--datalist", str(datalist)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_args) -> Path:
+    bundle_root = tmp_path_factory.mktemp("bundle_root")
+    log = bundle_run("training", TRAIN, *data_args, *SMALL, "--epochs", "2", "--bundle_root", str(bundle_root))
+    assert "Epoch[2] Complete" in log
+    return bundle_root
+
+
+def test_indexing_writes_datalist_and_report(data_args):
+    datalist = Path(data_args[1])
+    records = json.loads(datalist.read_text())
+    assert {r["grade"] for r in records} == {"II", "III", "IV"}
+    assert all({"image", "label", "grade", "patient_id"} <= set(r) for r in records)
+    assert Path(str(datalist).replace(".json", "_report.md")).is_file()
+
+
+def test_training_writes_best_and_last_checkpoints(trained):
+    best = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert set(best) == {"model"}, "model.pt holds the network state_dict under the key 'model' only"
+    last = list((trained / "models").glob("checkpoint*epoch=2.pt"))
+    assert len(last) == 1
+    resumable = torch.load(last[0], map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(resumable)
+    assert list((trained / "logs").glob("events.out.tfevents*")), "TensorBoard events are written"
+
+
+def test_evaluating_writes_metrics_tables_and_plot(trained, data_args):
+    bundle_run("evaluating", EVALUATE, *data_args, *SMALL, "--bundle_root", str(trained))
+    out = trained / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test"
+    slice_level = metrics["slice_level"]
+    assert {"ensemble", "branch1", "branch2"} <= set(slice_level)
+    for key in ("accuracy", "macro", "per_class", "confusion_matrix"):
+        assert key in slice_level["ensemble"]
+    assert set(slice_level["ensemble"]["macro"]) == {"precision", "recall", "specificity", "f1", "auc"}
+    assert metrics["patient_level"]["ensemble"]["n"] == metrics["n_patients"] >= 3
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == metrics["n_slices"]
+    assert abs(sum(float(rows[0][f"p_{c}"]) for c in ("II", "III", "IV")) - 1) < 1e-4
+    assert (out / "patients.csv").is_file() and (out / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_inference_on_one_file_matches_the_evaluating_path(trained, data_args, tmp_path):
+    """One preprocessing chain: a slice graded by `run evaluating` and by `run inference` gets the same
+    probabilities."""
+    bundle_run("evaluating", EVALUATE, *data_args, *SMALL, "--bundle_root", str(trained))
+    evaluated = next(csv.DictReader(open(trained / "eval" / "predictions.csv")))
+    out = tmp_path / "inference"
+    bundle_run(
+        "inference",
+        INFERENCE,
+        "--input", evaluated["image_path"],
+        "--output_dir", str(out),
+        "--image_size", "64",
+        "--bundle_root", str(trained),
+    )  # fmt: skip
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions["slices"]) == 1 and len(predictions["series"]) == 1
+    inferred = predictions["slices"][0]
+    assert inferred["image"] == evaluated["image_path"]
+    assert inferred["grade"] == evaluated["predicted_grade"]
+    for grade in ("II", "III", "IV"):
+        assert inferred["probabilities"][grade] == pytest.approx(float(evaluated[f"p_{grade}"]), abs=1e-5)
+
+
+def test_inference_on_a_tree_grades_every_selected_slice_and_series(trained, tiny_dataset, data_args, tmp_path):
+    out = tmp_path / "tree"
+    bundle_run(
+        "inference",
+        INFERENCE,
+        "--input", tiny_dataset["dicom_dir"],
+        "--output_dir", str(out),
+        "--image_size", "64",
+        "--bundle_root", str(trained),
+    )  # fmt: skip
+    predictions = json.loads((out / "predictions.json").read_text())
+    datalist = json.loads(Path(data_args[1]).read_text())
+    # every graded slice of the datalist, plus the slices of the patient without a grade
+    assert len(predictions["slices"]) >= len(datalist)
+    assert len(predictions["series"]) == len({s["series_uid"] for s in predictions["slices"]})
+    skipped = (out / "skipped.csv").read_text()
+    assert "localizer" in skipped and "not_sagittal" in skipped
+
+
+def test_resume_continues_at_the_next_epoch(tmp_path, data_args):
+    root = str(tmp_path)
+    small = [*data_args, *SMALL, "--bundle_root", root, "--backbone", "resnet18"]
+    bundle_run("training", TRAIN, *small, "--epochs", "1")
+    log = bundle_run("training", TRAIN, *small, "--epochs", "2", "--resume", "true")
+    assert "resuming from" in log
+    assert "Epoch[1] Complete" not in log, "the resumed run must not repeat epoch 1"
+    assert "Epoch[2] Complete" in log
+    assert list(Path(root, "models").glob("checkpoint*epoch=2.pt"))
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_args):
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, *data_args]
+    command += [*SMALL, "--bundle_root", str(tmp_path), "--resume", "true"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "no checkpoint" in result.stdout + result.stderr
