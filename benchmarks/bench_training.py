@@ -21,9 +21,11 @@ SGD lr 1e-4 momentum 0.9 in both loops):
 
 ``--profile`` prints a time split per step (data / forward+loss / backward / optimizer / rest) for both loops
 and a torch.profiler table of the top operators of one OURS step. AMP (``torch.autocast``) is only used on CUDA.
+Measured on 2 loaded CPU cores: forward/backward/optimizer cost the same in both loops (same model, same batch),
+so the ratio is (naive decode + compute) / (cached batch + compute); channels_last *training* gave no gain there.
 
-    python benchmarks/bench_training.py [--iterations 30] [--warmup 3] [--rounds 2] [--device cpu]
-        [--threads 2] [--workers 2] [--fused-sgd] [--channels-last-train] [--profile]
+    python benchmarks/bench_training.py [--iterations 32] [--warmup 3] [--rounds 4] [--device cpu]
+        [--threads 2] [--workers 2] [--fused-sgd] [--profile]
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ from ignite.engine import Events  # noqa: E402
 from monai.data import DataLoader  # noqa: E402
 from monai.engines.utils import IterationEvents  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
-
 from scripts.demo_data import generate_demo_dataset  # noqa: E402
 from scripts.dicom_index import build_datalist  # noqa: E402
 from scripts.network import SDLNet  # noqa: E402
@@ -105,12 +106,7 @@ class OursRun:
         self.net = SDLNet(
             "alexnet", NUM_CLASSES, 2, HIDDEN, synergic_lambda=SYNERGIC_LAMBDA, synergic_hidden=SYNERGIC_HIDDEN
         ).to(device)
-        to_kwargs = {}
-        if args.channels_last_train:
-            self.net = self.net.to(memory_format=torch.channels_last)
-            to_kwargs = {"memory_format": torch.channels_last}
         self.optimizer = make_sgd(self.net.parameters(), args.fused_sgd)
-        self.to_kwargs = to_kwargs
         self.split: dict[str, float] = defaultdict(float)
         self.timed_iters = 0
         self.timed_seconds = 0.0
@@ -134,7 +130,6 @@ class OursRun:
             optimizer=self.optimizer,
             amp=self.device.type == "cuda",
             non_blocking=self.device.type == "cuda",
-            to_kwargs=self.to_kwargs,
         )
         stamps: list[float] = []
         marks: dict[str, float] = {}
@@ -171,8 +166,10 @@ class OursRun:
             raise RuntimeError(f"trainer ran {len(stamps)} iterations, expected {warmup + iterations}")
         self.timed_seconds += stamps[-1] - stamps[warmup - 1]
         self.timed_iters += iterations
-        self.loss = float(trainer.state.output["loss"]) if isinstance(trainer.state.output, dict) else float(
-            trainer.state.output[0]["loss"]
+        self.loss = (
+            float(trainer.state.output["loss"])
+            if isinstance(trainer.state.output, dict)
+            else float(trainer.state.output[0]["loss"])
         )
 
 
@@ -337,9 +334,9 @@ def profile_ours_step(ours: OursRun) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=30, help="timed training iterations per loop (all rounds)")
+    p.add_argument("--iterations", type=int, default=32, help="timed training iterations per loop (all rounds)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations before timing")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds ours/naive (iterations split evenly)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds ours/naive (iterations split evenly)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of OURS (train.yaml uses 2)")
@@ -349,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=12)
     p.add_argument("--dicom-size", type=int, default=160)
     p.add_argument("--fused-sgd", action="store_true", help="SGD(fused=True) in BOTH loops")
-    p.add_argument("--channels-last-train", action="store_true", help="OURS trains in channels_last")
     p.add_argument("--infer-batch", type=int, default=32)
     p.add_argument("--infer-iters", type=int, default=10)
     p.add_argument("--infer-warmup", type=int, default=3)
@@ -366,11 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     set_determinism(0)
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}, load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"model alexnet x2, hidden {HIDDEN}, {args.image_size}x{args.image_size}, batch {args.batch_pairs} pairs, "
-          f"SGD lr {LR} momentum {MOMENTUM}{' fused' if args.fused_sgd else ''}, AMP {device.type == 'cuda'}, "
-          f"ours: {args.workers} DataLoader workers{', channels_last' if args.channels_last_train else ''}")
+    print(
+        f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        f"model alexnet x2, hidden {HIDDEN}, {args.image_size}x{args.image_size}, batch {args.batch_pairs} pairs, "
+        f"SGD lr {LR} momentum {MOMENTUM}{' fused' if args.fused_sgd else ''}, AMP {device.type == 'cuda'}, "
+        f"ours: {args.workers} DataLoader workers"
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="sdl_bench_"))
     try:
@@ -380,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
             image_size=(args.dicom_size, args.dicom_size), seed=0,
         )  # fmt: skip
         records, _ = build_datalist(demo["dicom_dir"], demo["grades_csv"], workers=1)
-        print(f"demo data: {len(records)} slices ({args.dicom_size}x{args.dicom_size}) generated+indexed in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"demo data: {len(records)} slices ({args.dicom_size}x{args.dicom_size}) generated+indexed in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
 
         ours = OursRun(records, args, device)
         naive = NaiveRun(records, args, device)
@@ -396,17 +398,23 @@ def main(argv: list[str] | None = None) -> int:
             # ABBA order (ours, naive, naive, ours, ...) so a load that drifts during the run hits both loops alike
             for loop in (ours, naive) if r % 2 == 0 else (naive, ours):
                 loop.run(iters, warm if loop is ours or r == 0 else 0)
-            print(f"  round {r + 1}: ours {ours.timed_iters} it, naive {naive.timed_iters} it done "
-                  f"(load {os.getloadavg()[0]:.2f})")
+            print(
+                f"  round {r + 1}: ours {ours.timed_iters} it, naive {naive.timed_iters} it done "
+                f"(load {os.getloadavg()[0]:.2f})"
+            )
 
         ours_pps = ours.timed_iters * args.batch_pairs / ours.timed_seconds
         naive_pps = naive.timed_iters * args.batch_pairs / naive.timed_seconds
         print()
         print(f"TRAINING (data pipeline included, {args.iterations} timed iterations each, {args.rounds} rounds)")
-        print(f"  ours  (cache + DataLoader + SDLTrainer): {ours_pps:7.2f} pairs/s "
-              f"({1000 * ours.timed_seconds / ours.timed_iters:.0f} ms/step)")
-        print(f"  naive (pydicom every step, plain loop) : {naive_pps:7.2f} pairs/s "
-              f"({1000 * naive.timed_seconds / naive.timed_iters:.0f} ms/step)")
+        print(
+            f"  ours  (cache + DataLoader + SDLTrainer): {ours_pps:7.2f} pairs/s "
+            f"({1000 * ours.timed_seconds / ours.timed_iters:.0f} ms/step)"
+        )
+        print(
+            f"  naive (pydicom every step, plain loop) : {naive_pps:7.2f} pairs/s "
+            f"({1000 * naive.timed_seconds / naive.timed_iters:.0f} ms/step)"
+        )
         print(f"  ratio ours/naive: {ours_pps / naive_pps:.2f}x (target 1.5x)")
         if args.profile:
             print()
@@ -429,18 +437,27 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             print()
-            print(f"INFERENCE (batch {args.infer_batch}, {args.image_size}x{args.image_size}, eval + inference_mode"
-                  f"{', autocast' if device.type == 'cuda' else ''}; target single branch >= 200 img/s)")
+            print(
+                f"INFERENCE (batch {args.infer_batch}, {args.image_size}x{args.image_size}, eval + inference_mode"
+                f"{', autocast' if device.type == 'cuda' else ''}; target single branch >= 200 img/s)"
+            )
             for label, ips in bench_inference(args, device):
                 print(f"  {label:34s}: {ips:7.1f} images/s")
 
         print()
-        print(f"PEAK MEMORY: ru_maxrss process {maxrss_mb():.0f} MiB (after training {train_rss:.0f} MiB), "
-              f"DataLoader workers {maxrss_mb(resource.RUSAGE_CHILDREN):.0f} MiB")
+        print(
+            f"PEAK MEMORY: ru_maxrss process {maxrss_mb():.0f} MiB (after training {train_rss:.0f} MiB), "
+            f"DataLoader workers {maxrss_mb(resource.RUSAGE_CHILDREN):.0f} MiB"
+        )
         if device.type == "cuda":
-            print(f"  cuda max_memory_allocated: training {cuda_train:.0f} MiB"
-                  + (f", inference {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-                     if not args.skip_inference else ""))
+            print(
+                f"  cuda max_memory_allocated: training {cuda_train:.0f} MiB"
+                + (
+                    f", inference {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+                    if not args.skip_inference
+                    else ""
+                )
+            )
         load = os.getloadavg()
         print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     finally:

@@ -53,9 +53,6 @@ class SDLTrainer(SupervisedTrainer):
     ``B`` samples; ``from_engine(["pred", "label"])`` still feeds Ignite metrics. Pass ``decollate=False`` to keep
     the batched dict. Extra args: ``synergic_loss`` (default ``BCEWithLogitsLoss``); ``loss_function`` is the
     per-branch classification loss (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True.
-    ``to_kwargs={"memory_format": torch.channels_last}`` (with ``network.to(memory_format=torch.channels_last)``)
-    trains in channels_last: the memory format is applied to the 4D image batches only (opt-in, faster convolutions
-    on CPU/oneDNN and on tensor-core GPUs; see ``benchmarks/bench_training.py``).
     """
 
     def __init__(
@@ -120,12 +117,7 @@ class SDLTrainer(SupervisedTrainer):
 
     def _to_device(self, engine: SDLTrainer, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            to_kwargs = engine.to_kwargs
-            if "memory_format" in to_kwargs and value.dim() != 4:
-                # to_kwargs={"memory_format": torch.channels_last} (opt-in, with a channels_last network) applies
-                # to the [B, C, H, W] image batches; labels and other tensors keep their layout.
-                to_kwargs = {k: v for k, v in to_kwargs.items() if k != "memory_format"}
-            return value.to(engine.state.device, non_blocking=engine.non_blocking, **to_kwargs)
+            return value.to(engine.state.device, non_blocking=engine.non_blocking, **engine.to_kwargs)
         return value
 
     def _accumulation_flags(self, engine: SDLTrainer) -> tuple[bool, bool]:
