@@ -51,3 +51,12 @@ def test_shape_errors_are_clear():
         classification_metrics(np.zeros((4, 2)), np.zeros(4), CLASSES)
     with pytest.raises(ValueError, match="labels"):
         classification_metrics(np.zeros((4, 3)), np.zeros(3), CLASSES)
+
+
+def test_class_present_but_never_predicted_counts_as_zero_in_macro_averages():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.eye(3)[[0, 0, 0, 0, 2, 2]]
+    m = classification_metrics(probs, labels, CLASSES)
+    assert m["per_class"]["III"]["precision"] == 0.0
+    assert m["per_class"]["III"]["f1"] == 0.0
+    assert m["macro"]["f1"] == pytest.approx((2 / 3 + 0.0 + 1.0) / 3)

@@ -830,6 +830,16 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_skipped_csv(skipped: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write skipped files as CSV (``path,reason,detail``), the machine-readable twin of the report."""
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "reason", "detail"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(skipped)
+    return path
+
+
 def write_datalist(
     dataset_dir: str | Path,
     grades_csv: str | Path,
@@ -862,10 +872,7 @@ def write_datalist(
     report_path = out.with_name(f"{out.stem}_report.md")
     skipped_path = out.with_name(f"{out.stem}_skipped.csv")
     report_path.write_text(render_report(report), encoding="utf-8")
-    with skipped_path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "reason", "detail"])
-        writer.writeheader()
-        writer.writerows(report["skipped"])
+    write_skipped_csv(report["skipped"], skipped_path)
     if not records:
         raise RuntimeError(
             f"no slice in {dataset_dir} could be joined to a grade from {grades_csv}; see {report_path} "

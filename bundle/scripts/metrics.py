@@ -77,8 +77,11 @@ def classification_metrics(
         fp = matrix[:, c].sum() - tp
         fn = matrix[c, :].sum() - tp
         tn = total - tp - fp - fn
-        precision = _safe_ratio(tp, tp + fp)
-        recall = _safe_ratio(tp, tp + fn)
+        support = tp + fn
+        # A class that is present but never predicted has precision 0 and F1 0 (scikit-learn's
+        # zero_division=0), not "undefined": leaving it out would flatter the macro averages.
+        precision = _safe_ratio(tp, tp + fp) if tp + fp > 0 else (0.0 if support > 0 else None)
+        recall = _safe_ratio(tp, support)
         f1 = None
         if precision is not None and recall is not None:
             f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)

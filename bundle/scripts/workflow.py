@@ -106,18 +106,14 @@ def inference_records(input_path: str, output_dir: str, *, include_post_contrast
     Files left out are listed in ``output_dir/skipped.csv`` with their reasons, so a user who expected a
     slice to be graded can see why it was not.
     """
-    from scripts.dicom_index import select_t1_sagittal
+    from scripts.dicom_index import select_t1_sagittal, write_skipped_csv
 
     if not input_path:
         raise ValueError("inference needs --input: a DICOM file, a series folder or a DICOM tree")
     result = select_t1_sagittal(input_path, include_post_contrast=include_post_contrast)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "skipped.csv", "w") as f:
-        f.write("path,reason,detail\n")
-        for skip in result.skipped:
-            detail = str(skip.get("detail", "")).replace('"', "'")
-            f.write(f'"{skip["path"]}","{skip["reason"]}","{detail}"\n')
+    write_skipped_csv(result.skipped, out / "skipped.csv")
     if not result.slices:
         raise ValueError(
             f"no T1-weighted sagittal MR slice found in {input_path} ({len(result.skipped)} files skipped; "
