@@ -15,6 +15,9 @@ Faces:
       TorchScript export, MONAI Deploy). Works with ``torch.jit.trace`` and ``torch.jit.script``.
     * ``branch_probabilities(image)``: ``[B, N, C]`` for per-branch analysis.
     * ``forward_pairs(images)``: training face, one image batch per branch.
+    * :class:`SDLPairForward` ``(net)(*images)``: the training face as a module's ``forward``, for wrappers that
+      act in ``__call__`` (``DistributedDataParallel`` synchronises gradients only for calls through its own
+      ``forward``); wrap ``SDLPairForward(net)``, not ``net``, with DDP when training.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["BACKBONES", "FUSIONS", "GradientScale", "SDLBranch", "SDLNet", "scale_gradient"]
+__all__ = ["BACKBONES", "FUSIONS", "GradientScale", "SDLBranch", "SDLNet", "SDLPairForward", "scale_gradient"]
 
 logger = logging.getLogger(__name__)
 
@@ -301,3 +304,26 @@ class SDLNet(nn.Module):
             for head, (i, j) in zip(self.heads, self.head_pairs, strict=True)
         ]
         return {"logits": logits, "features": features, "synergic_logits": synergic}
+
+
+class SDLPairForward(nn.Module):
+    """The training face of an :class:`SDLNet` as ``forward``: ``SDLPairForward(net)(*images)`` is
+    ``net.forward_pairs(images)``.
+
+    ``DistributedDataParallel`` prepares gradient synchronisation in its ``forward``; calling
+    ``ddp.module.forward_pairs`` bypasses it and the ranks' weights drift apart. Wrap this module instead,
+    ``DistributedDataParallel(SDLPairForward(net))``, and call it with one image batch per branch. It owns no
+    parameters of its own and shares ``net``'s, so checkpoints, the optimizer and the evaluator keep using ``net``
+    (state_dict keys unchanged) and ``net.forward`` stays the scriptable classifier face.
+    """
+
+    def __init__(self, net: SDLNet) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def head_pairs(self) -> list[tuple[int, int]]:
+        return self.net.head_pairs
+
+    def forward(self, *images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        return self.net.forward_pairs(images)

@@ -18,6 +18,8 @@ from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from scripts.network import SDLPairForward
+
 __all__ = ["InverseTimeDecay", "SDLEvaluator", "SDLTrainer", "branch_letters", "paper_lr_scheduler"]
 
 
@@ -29,9 +31,29 @@ def branch_letters(num_branches: int) -> list[str]:
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
-    """The bare SDLNet behind DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    """The module behind DataParallel / DistributedDataParallel / torch.compile wrappers."""
     network = getattr(network, "_orig_mod", network)
     return getattr(network, "module", network)
+
+
+def _sdl_net(network: nn.Module) -> nn.Module:
+    """The bare SDLNet behind those wrappers and an ``SDLPairForward``."""
+    network = _unwrap(network)
+    return network.net if isinstance(network, SDLPairForward) else network
+
+
+def _forward_pairs(network: nn.Module, images: list) -> tuple[dict, nn.Module]:
+    """Run the pair forward, through ``network.__call__`` when ``network`` wraps an ``SDLPairForward`` (so
+    DistributedDataParallel's forward runs and gradients are synchronised); return ``(outputs, bare SDLNet)``."""
+    inner = _unwrap(network)
+    if isinstance(inner, SDLPairForward):
+        return network(*images), inner.net
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "SDLTrainer got DistributedDataParallel(SDLNet): its pair forward would bypass DDP and the gradients "
+            "would not be synchronised; wrap SDLPairForward(net) instead (see bundle/configs/multi_gpu_train.yaml)."
+        )
+    return inner.forward_pairs(images), inner
 
 
 class SDLTrainer(SupervisedTrainer):
@@ -51,8 +73,10 @@ class SDLTrainer(SupervisedTrainer):
     With ``decollate=True`` (the default, as in SupervisedTrainer) MONAI turns this dict into ``N*B`` per-sample
     dicts after ``MODEL_COMPLETED``: scalars are replicated and ``pred_a``/``label_a``... are padded with None past
     ``B`` samples; ``from_engine(["pred", "label"])`` still feeds Ignite metrics. Pass ``decollate=False`` to keep
-    the batched dict. Extra args: ``synergic_loss`` (default ``BCEWithLogitsLoss``); ``loss_function`` is the
-    per-branch classification loss (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True.
+    the batched dict. ``network`` is an ``SDLNet``, or for DistributedDataParallel ``DDP(SDLPairForward(net))``,
+    which the pair forward is called through (``DDP(SDLNet)`` is refused: it would bypass DDP). Extra args:
+    ``synergic_loss`` (default ``BCEWithLogitsLoss``); ``loss_function`` is the per-branch classification loss
+    (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True.
     """
 
     def __init__(
@@ -132,8 +156,7 @@ class SDLTrainer(SupervisedTrainer):
 
     def _compute_losses(self, engine: SDLTrainer, images: list, labels: list) -> torch.Tensor:
         """Forward the pairs, fill ``engine.state.output`` and return the (undetached) total loss."""
-        net = _unwrap(engine.network)
-        out = net.forward_pairs(images)
+        out, net = _forward_pairs(engine.network, images)
         letters = branch_letters(len(images))
         state: dict[str, Any] = {}
         preds = []
@@ -197,9 +220,9 @@ class SDLTrainer(SupervisedTrainer):
 class SDLEvaluator(SupervisedEvaluator):
     """Evaluates (or infers on) unpaired batches ``{"image": [B,3,H,W], "label": [B] (optional)}``.
 
-    Runs the branches once through ``engine.inferer`` on ``network.branch_probabilities`` (DDP/compile wrappers are
-    unwrapped) and outputs ``pred`` = the branch mean ``[B, C]`` (the default prediction), ``branch_preds``
-    ``[B, N, C]`` and ``label`` when the batch has one. Same constructor as ``SupervisedEvaluator``.
+    Runs the branches once through ``engine.inferer`` on ``network.branch_probabilities`` (DDP/compile wrappers and
+    ``SDLPairForward`` are unwrapped) and outputs ``pred`` = the branch mean ``[B, C]`` (the default prediction),
+    ``branch_preds`` ``[B, N, C]`` and ``label`` when the batch has one. Same constructor as ``SupervisedEvaluator``.
     """
 
     def _iteration(self, engine: SDLEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
@@ -207,7 +230,7 @@ class SDLEvaluator(SupervisedEvaluator):
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0], batch[1]
-        net = _unwrap(engine.network)
+        net = _sdl_net(engine.network)
         with engine.mode(engine.network):
             if engine.amp:
                 with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs):
