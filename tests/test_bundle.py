@@ -77,7 +77,26 @@ def test_training_writes_best_and_last_checkpoints(trained):
     assert len(last) == 1
     resumable = torch.load(last[0], map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(resumable)
-    assert list((trained / "logs").glob("events.out.tfevents*")), "TensorBoard events are written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (trained / "logs").glob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    expected = {"ce_a", "ce_b", "synergic_bce", "synergic_acc", "learning_rate", "val_acc", "train_acc_branch1"}
+    assert expected <= tags, f"TensorBoard lacks {expected - tags}"
+
+
+def test_plain_run_id_is_training():
+    """MONAI Label and other callers run the bundle's `run` key."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / TRAIN))
+    parser.resolve_macro_and_relative_ids()
+    assert parser.get("run") == parser.get("training")
+    assert any("trainer.run()" in step for step in parser.get("run"))
 
 
 def test_evaluating_writes_metrics_tables_and_plot(trained, data_args):
