@@ -178,13 +178,25 @@ class BestModelSaver:
     MONAI's `CheckpointSaver` writes a lone object as a bare state_dict; MONAI Label, `ckpt_export
     --key_in_ckpt model` and model-zoo bundles expect the weights under the key ``model``. The file is
     written to a temporary name and renamed, so an interrupted save never leaves a broken ``model.pt``.
+    The best value and its epoch go to ``<filename stem>_metric.json`` beside it; a resumed run
+    (``resume=True``) starts from that value, so it only replaces the model with a better one.
     """
 
-    def __init__(self, network: torch.nn.Module, save_dir: str | Path, metric_name: str, filename: str = "model.pt"):
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        save_dir: str | Path,
+        metric_name: str,
+        filename: str = "model.pt",
+        resume: bool = False,
+    ) -> None:
         self.network = network
         self.path = Path(save_dir) / filename
+        self.metric_path = self.path.with_name(f"{self.path.stem}_metric.json")
         self.metric_name = metric_name
         self.best = float("-inf")
+        if resume and self.path.is_file() and self.metric_path.is_file():
+            self.best = float(json.loads(self.metric_path.read_text())[metric_name])
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -199,6 +211,7 @@ class BestModelSaver:
         partial = self.path.with_suffix(".partial")
         torch.save({"model": network.state_dict()}, partial)
         partial.replace(self.path)
+        self.metric_path.write_text(json.dumps({self.metric_name: value, "epoch": engine.state.epoch}))
         logger.info("saved %s (%s %.4f)", self.path, self.metric_name, value)
 
 

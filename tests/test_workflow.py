@@ -1,0 +1,61 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from scripts.workflow import BestModelSaver, latest_checkpoint, load_datalist, resolve_datalist
+
+
+def _engine(value: float, epoch: int) -> SimpleNamespace:
+    return SimpleNamespace(state=SimpleNamespace(metrics={"val_acc": value}, epoch=epoch))
+
+
+def _saved_weight(folder):
+    return torch.load(folder / "model.pt", weights_only=True)["model"]["weight"]
+
+
+def test_best_model_saver_keeps_only_improvements_under_key_model(tmp_path):
+    net = torch.nn.Linear(2, 3)
+    saver = BestModelSaver(net, tmp_path, "val_acc")
+    saver(_engine(0.5, 1))
+    first = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(first) == {"model"} and torch.equal(first["model"]["weight"], net.weight)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    saver(_engine(0.4, 2))  # worse: model.pt keeps epoch 1's weights
+    assert torch.equal(_saved_weight(tmp_path), first["model"]["weight"])
+    saver(_engine(0.6, 3))
+    assert torch.equal(_saved_weight(tmp_path), net.weight)
+    assert json.loads((tmp_path / "model_metric.json").read_text()) == {"val_acc": 0.6, "epoch": 3}
+
+
+def test_best_model_saver_remembers_its_best_only_when_resuming(tmp_path):
+    net = torch.nn.Linear(2, 3)
+    BestModelSaver(net, tmp_path, "val_acc")(_engine(0.8, 4))
+    assert BestModelSaver(net, tmp_path, "val_acc", resume=True).best == 0.8
+    assert BestModelSaver(net, tmp_path, "val_acc", resume=False).best == float("-inf")
+
+
+def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for epoch in (2, 10, 9):
+        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+def test_datalist_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_datalist(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "a.dcm", "label": 0}]))
+    with pytest.raises(ValueError, match=r"bad.json.*record 0 lacks \['patient_id'\]"):
+        load_datalist(bad)
+    with pytest.raises(ValueError, match="needs --grades_csv"):
+        resolve_datalist(dataset_dir=str(tmp_path))
+
+
+def test_datalist_in_monai_training_form_is_accepted_and_keeps_the_source_path(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"training": [{"image": "a.dcm", "label": 1, "patient_id": "P1"}]}))
+    records = resolve_datalist(datalist=str(path))
+    assert records == [{"image": "a.dcm", "label": 1, "patient_id": "P1", "image_path": "a.dcm"}]
