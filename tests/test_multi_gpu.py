@@ -114,8 +114,8 @@ def test_torchrun_two_processes(tmp_path, backbone):
             line.startswith(f"[default{rank}]:") and "SDLTrainer - INFO - Engine run finished" in line
             for line in log.splitlines()
         ), f"rank {rank} did not finish training:\n{log[-6000:]}"
-    models = bundle_root / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    models = bundle_root / "models"  # one set of files: written by rank 0 only
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt", "model_metric.json"]
     best = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert set(best) == {"model"}
     net = SDLNet(backbone=backbone, hidden_size=1024)
