@@ -22,9 +22,23 @@ def _relative(path: str, root: str) -> str:
         return path
 
 
+def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table, or "None." when there are no rows."""
+    if not rows:
+        return ["None."]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_md(v) for v in row) + " |" for row in rows]
+
+
+def _section(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    return ["", f"## {title}", "", *_table(columns, rows)]
+
+
 def render_report(report: dict[str, Any]) -> str:
     """Markdown version of a :func:`build_datalist` report, for curators."""
     root = report["dataset_dir"]
+    ungraded, imageless = report["patients_without_grade"], report["patients_without_images"]
+    skipped = report["skipped"]
     lines = [
         "# Datalist report",
         "",
@@ -34,49 +48,37 @@ def render_report(report: dict[str, Any]) -> str:
         f"- T1 sagittal slices selected: {report['slices_selected']}",
         f"- Slices in datalist: {report['slices_in_datalist']} from {report['patients_in_datalist']} patients",
         f"- Files skipped: {report['files_skipped']}",
-        "",
-        "## Slices per grade",
-        "",
-        "| grade | label | patients | slices |",
-        "|---|---|---|---|",
     ]
-    lines += [f"| {_md(g)} | {s['label']} | {s['patients']} | {s['slices']} |" for g, s in report["per_grade"].items()]
-    lines += ["", "## Slices per patient", "", "| patient | grade | label | series | slices |", "|---|---|---|---|---|"]
-    lines += [
-        f"| {_md(p['patient_id'])} | {_md(p['grade'])} | {p['label']} | {p['series']} | {p['slices']} |"
-        for p in report["per_patient"]
-    ]
-    lines += ["", f"## Patients with images but no usable grade ({len(report['patients_without_grade'])})", ""]
-    if report["patients_without_grade"]:
-        lines += ["| patient | series | slices | reason |", "|---|---|---|---|"]
-        lines += [
-            f"| {_md(p['patient_id'])} | {p['series']} | {p['slices']} | {_md(p['reason'])} |"
-            for p in report["patients_without_grade"]
-        ]
-    else:
-        lines.append("None.")
-    lines += ["", f"## Patients in the CSV without selected images ({len(report['patients_without_images'])})", ""]
-    if report["patients_without_images"]:
-        lines += ["| patient | grade | reason |", "|---|---|---|"]
-        lines += [
-            f"| {_md(p['patient_id'])} | {_md(p['grade'])} | {_md(p['reason'])} |"
-            for p in report["patients_without_images"]
-        ]
-    else:
-        lines.append("None.")
-    lines += ["", "## Skipped files by reason", "", "| reason | files | meaning |", "|---|---|---|"]
-    lines += [
-        f"| {_md(r)} | {n} | {_md(REASON_DESCRIPTIONS.get(r, ''))} |" for r, n in report["skipped_by_reason"].items()
-    ]
-    lines += ["", f"## Skipped files ({len(report['skipped'])})", ""]
-    if report["skipped"]:
-        lines += ["| file | reason | detail |", "|---|---|---|"]
-        lines += [
-            f"| {_md(_relative(s['path'], root))} | {_md(s['reason'])} | {_md(s['detail'])} |"
-            for s in report["skipped"]
-        ]
-    else:
-        lines.append("None.")
+    lines += _section(
+        "Slices per grade",
+        ["grade", "label", "patients", "slices"],
+        [(g, s["label"], s["patients"], s["slices"]) for g, s in report["per_grade"].items()],
+    )
+    lines += _section(
+        "Slices per patient",
+        ["patient", "grade", "label", "series", "slices"],
+        [(p["patient_id"], p["grade"], p["label"], p["series"], p["slices"]) for p in report["per_patient"]],
+    )
+    lines += _section(
+        f"Patients with images but no usable grade ({len(ungraded)})",
+        ["patient", "series", "slices", "reason"],
+        [(p["patient_id"], p["series"], p["slices"], p["reason"]) for p in ungraded],
+    )
+    lines += _section(
+        f"Patients in the CSV without selected images ({len(imageless)})",
+        ["patient", "grade", "reason"],
+        [(p["patient_id"], p["grade"], p["reason"]) for p in imageless],
+    )
+    lines += _section(
+        "Skipped files by reason",
+        ["reason", "files", "meaning"],
+        [(r, n, REASON_DESCRIPTIONS.get(r, "")) for r, n in report["skipped_by_reason"].items()],
+    )
+    lines += _section(
+        f"Skipped files ({len(skipped)})",
+        ["file", "reason", "detail"],
+        [(_relative(s["path"], root), s["reason"], s["detail"]) for s in skipped],
+    )
     return "\n".join(lines) + "\n"
 
 
