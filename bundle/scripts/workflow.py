@@ -63,7 +63,7 @@ def resolve_datalist(
 
     1. ``datalist``: a JSON written by ``run indexing`` (or by hand);
     2. ``dataset_dir`` + ``grades_csv``: a DICOM tree indexed now, its datalist and report written to
-       ``index_output`` (default: ``datalist.json`` beside nothing else, in the current folder);
+       ``index_output`` (default: ``<dataset_dir>_datalist.json`` beside the tree);
     3. nothing: the synthetic demo dataset, generated on first use into a cache folder.
     """
     from scripts.dicom_index import write_datalist
