@@ -93,8 +93,8 @@ def resolve_datalist(
         index_output,
         patient_column=patient_column,
         grade_column=grade_column,
-        label_map=dict(label_map) if label_map is not None else None,
-        grade_aliases=dict(grade_aliases) if grade_aliases is not None else None,
+        label_map=label_map,
+        grade_aliases=grade_aliases,
         include_post_contrast=include_post_contrast,
     )
     return _with_image_path(records)
