@@ -117,9 +117,8 @@ def test_torchrun_two_processes(tmp_path, backbone):
     models = bundle_root / "models"  # one set of files: written by rank 0 only
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt", "model_metric.json"]
     best = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
-    assert set(best) == {"model"}
     net = SDLNet(backbone=backbone, hidden_size=1024)
-    net.load_state_dict(best["model"])  # keys of the bare network, no DDP/SDLPairForward prefix
+    net.load_state_dict(best)  # keys of the bare network, no DDP/SDLPairForward prefix
     last = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
     assert set(last["model"]) == set(net.state_dict())
     assert len(list((bundle_root / "logs").glob("events.out.tfevents*"))) == 2, "TensorBoard writers on rank 0 only"

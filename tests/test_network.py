@@ -85,7 +85,7 @@ def test_invalid_options_list_choices():
     with pytest.raises(ValueError, match="concat"):
         SDLNet(fusion="sum")
     with pytest.raises(ValueError, match="branches"):
-        SDLNet(num_branches=1)
+        SDLNet(num_branches=0)
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))

@@ -17,7 +17,7 @@ def test_readme_first_two_blocks_install_then_demo_and_tests():
     first, second = _readme_shell_blocks()[:2]
     assert "pip install -e ." in first and "monai.bundle run training" in first
     assert "monai.bundle run evaluating" in first
-    assert 'pip install -e ".[test]"' in second and "pytest" in second
+    assert 'pip install -e ".[test,deploy,tracking]"' in second and "pytest" in second
     for block in (first, second):
         assert "python3 -m venv" in block, "each command must work on its own in a fresh clone"
 

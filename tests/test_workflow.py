@@ -11,19 +11,19 @@ def _engine(value: float, epoch: int) -> SimpleNamespace:
 
 
 def _saved_weight(folder):
-    return torch.load(folder / "model.pt", weights_only=True)["model"]["weight"]
+    return torch.load(folder / "model.pt", weights_only=True)["weight"]
 
 
-def test_best_model_saver_keeps_only_improvements_under_key_model(tmp_path):
+def test_best_model_saver_keeps_only_improvements_as_a_bare_state_dict(tmp_path):
     net = torch.nn.Linear(2, 3)
     saver = BestModelSaver(net, tmp_path, "val_acc")
     saver(_engine(0.5, 1))
     first = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert set(first) == {"model"} and torch.equal(first["model"]["weight"], net.weight)
+    assert set(first) == {"weight", "bias"} and torch.equal(first["weight"], net.weight)
     with torch.no_grad():
         net.weight.add_(1.0)
     saver(_engine(0.4, 2))  # worse: model.pt keeps epoch 1's weights
-    assert torch.equal(_saved_weight(tmp_path), first["model"]["weight"])
+    assert torch.equal(_saved_weight(tmp_path), first["weight"])
     saver(_engine(0.6, 3))
     assert torch.equal(_saved_weight(tmp_path), net.weight)
     assert json.loads((tmp_path / "model_metric.json").read_text()) == {"val_acc": 0.6, "epoch": 3}

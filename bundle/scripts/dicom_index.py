@@ -38,6 +38,7 @@ from pydicom.uid import UID
 
 from .datalist_report import render_report, write_skipped_csv
 from .dicom_headers import decoder_available, header_overrun, int_or_none, number, pixel_problem, read_header, text
+from .flags import as_flag
 from .grades import normalise_id, read_grades
 from .skip_reasons import (
     REASON_DESCRIPTIONS,
@@ -298,7 +299,7 @@ def _classify(
     if weighting != "T1":
         return _skip(path, _NOT_T1_REASONS.get(weighting, REASON_NOT_T1_UNKNOWN), f"{weighting}: {why}")
     contrast = _post_contrast(ds, upper, tokens)
-    if contrast and not include_post_contrast:
+    if contrast and not as_flag(include_post_contrast):
         return _skip(path, REASON_POST_CONTRAST, contrast)
     return {
         "image": path,

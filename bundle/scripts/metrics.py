@@ -106,3 +106,11 @@ def classification_metrics(
         "confusion_matrix": matrix.tolist(),
         "class_names": list(class_names),
     }
+
+
+def nll_of_probabilities(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-probability of the true class, for outputs that are already probabilities."""
+    probabilities = torch.as_tensor(probabilities)
+    labels = torch.as_tensor(labels, device=probabilities.device).long().reshape(-1)
+    log_p = torch.log(probabilities.reshape(labels.numel(), -1).float().clamp_min(1e-12))
+    return torch.nn.functional.nll_loss(log_p, labels)

@@ -32,6 +32,8 @@ import torch
 import torchvision
 from torch import nn
 
+from scripts.flags import as_flag
+
 __all__ = ["BACKBONES", "FUSIONS", "GradientScale", "SDLBranch", "SDLNet", "SDLPairForward", "scale_gradient"]
 
 logger = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ def build_backbone(
         raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}.")
     spec = BACKBONES[backbone]
     source: Path | None = None
-    if pretrained:
+    if as_flag(pretrained):  # `--pretrained false` arrives as the string "false"
         source = Path(weights_path) if weights_path is not None else _cached_weights_file(backbone)
         if source is not None and not source.is_file():
             raise FileNotFoundError(f"weights_path {source} does not exist.")
@@ -223,7 +225,9 @@ class SDLNet(nn.Module):
     Args:
         backbone: torchvision architecture of every branch, one of :data:`BACKBONES`.
         num_classes: number of classes (3 glioma grades).
-        num_branches: number of branches N (the paper uses 2).
+        num_branches: number of branches N (the paper uses 2). ``1`` builds the single-network baseline the paper
+            compares SDL with: one branch, no synergic head, ``forward`` = that branch's softmax; the branch is
+            built exactly as an SDL branch, so a comparison isolates what the synergic pairing adds.
         hidden_size: width of the hidden FC layer whose output are the synergic features (Zhang uses 1024).
         fusion: ``"concat"`` (paper text, Zhang) or ``"product"`` (f_i * f_j, the paper's algorithm box).
         synergic_lambda: lambda; scales the synergic gradient each branch receives through its features.
@@ -253,8 +257,8 @@ class SDLNet(nn.Module):
             raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}.")
         if fusion not in FUSIONS:
             raise ValueError(f"Unknown fusion {fusion!r}; choose one of {list(FUSIONS)}.")
-        if num_branches < 2:
-            raise ValueError(f"SDL needs at least 2 branches, got {num_branches}.")
+        if num_branches < 1:
+            raise ValueError(f"num_branches must be >= 1 (1: a single-network baseline, no head), got {num_branches}.")
         self.num_classes = num_classes
         self.num_branches = num_branches
         self.fusion = fusion

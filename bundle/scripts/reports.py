@@ -8,6 +8,10 @@ identifiers as the evaluator runs, and writes everything once the run completes:
   ensemble), ``predictions.csv`` (one row a slice), ``patients.csv`` (grade by averaged slice
   probabilities) and ``confusion_matrix.png``;
 - inference: ``predictions.json`` (one record a slice and one a series) and ``predictions.csv``.
+
+Slices that :class:`scripts.gradcam.GradCAMWriter` drew overlays for carry their PNG paths (relative to
+``output_dir`` when inside it) in both tables; ``tta_flip`` records whether the evaluator averaged each slice
+with its mirror (:mod:`scripts.tta`), so a metrics file says which prediction rule produced it.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class PredictionWriter:
         self.mode = mode
         self.split_name = split_name
         self.rows: list[dict] = []
+        self.tta_flip = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -131,6 +136,7 @@ class PredictionWriter:
 
     def _reset(self, engine: Engine) -> None:
         self.rows = []
+        self.tta_flip = bool(getattr(engine, "tta_flip", False))
 
     def _collect(self, engine: Engine) -> None:
         outputs, batch = engine.state.output, engine.state.batch
@@ -143,6 +149,8 @@ class PredictionWriter:
             row["probabilities"] = _as_numpy(output["pred"]).reshape(-1).tolist()
             if "branch_preds" in output:
                 row["branch_probabilities"] = _as_numpy(output["branch_preds"]).tolist()
+            if output.get("gradcam"):
+                row["gradcam"] = [self._relative(path) for path in output["gradcam"]]
             if self.mode == "evaluate":
                 row["label"] = int(_scalar(output.get("label", item.get("label"))))
             self.rows.append(row)
@@ -154,6 +162,13 @@ class PredictionWriter:
         else:
             self.write_inference()
 
+    def _relative(self, path: str) -> str:
+        """``path`` relative to ``output_dir`` when inside it, so the output folder can be moved as a whole."""
+        try:
+            return Path(path).resolve().relative_to(self.output_dir.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
     # ----------------------------------------------------------------------------------------------------
     def _slice_table(self, path: Path) -> None:
         fields = [f for f in ID_FIELDS if any(f in r for r in self.rows)]
@@ -161,6 +176,8 @@ class PredictionWriter:
         header += ["predicted_grade"] + [f"p_{c}" for c in self.class_names]
         n_branches = len(self.rows[0].get("branch_probabilities", [])) if self.rows else 0
         header += [f"branch{b + 1}_p_{c}" for b in range(n_branches) for c in self.class_names]
+        n_cams = max((len(r.get("gradcam", [])) for r in self.rows), default=0)
+        header += [f"gradcam_branch{b + 1}" for b in range(n_cams)]
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
@@ -172,6 +189,8 @@ class PredictionWriter:
                 line += [self.class_names[int(np.argmax(probs))]] + [f"{p:.6f}" for p in probs]
                 for branch in row.get("branch_probabilities", []):
                     line += [f"{p:.6f}" for p in branch]
+                cams = row.get("gradcam", [])
+                line += list(cams) + [""] * (n_cams - len(cams))
                 writer.writerow(line)
 
     def write_evaluation(self) -> dict:
@@ -195,6 +214,7 @@ class PredictionWriter:
             "n_slices": len(self.rows),
             "n_patients": len(patients),
             "prediction": "argmax of the mean of the branches' softmax probabilities (ensemble)",
+            "tta_flip": self.tta_flip,
             "slice_level": slice_metrics,
             "patient_level": {"ensemble": patient_metrics},
         }
@@ -236,6 +256,8 @@ class PredictionWriter:
             record["image"] = record.pop("image_path", "")
             record["grade"] = self.class_names[int(np.argmax(probs))]
             record["probabilities"] = dict(zip(self.class_names, probs, strict=True))
+            if row.get("gradcam"):
+                record["gradcam"] = {f"branch{b + 1}": p for b, p in enumerate(row["gradcam"])}
             slices.append(record)
         series = []
         for entry in _average_by(self.rows, "series_uid", self.class_names):
@@ -250,6 +272,7 @@ class PredictionWriter:
             )
         content = {
             "prediction": "argmax of the mean of the branches' softmax probabilities; a series averages its slices",
+            "tta_flip": self.tta_flip,
             "slices": slices,
             "series": series,
         }

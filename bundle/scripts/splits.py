@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = ["PROTOCOLS", "make_splits", "patient_kfold", "patient_labels", "split_by_patient", "split_by_slice"]
 
-PROTOCOLS = ("patient", "slice")
+PROTOCOLS = ("patient", "slice", "kfold")
 Record = dict[str, Any]
 
 
@@ -182,10 +182,27 @@ def make_splits(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
+    fold: int = 0,
+    n_folds: int = 5,
 ) -> dict[str, list[Record]]:
-    """Dispatch to :func:`split_by_patient` (``"patient"``, the default) or :func:`split_by_slice` (``"slice"``)."""
-    if protocol == "patient":
-        return split_by_patient(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    if protocol == "slice":
-        return split_by_slice(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    raise ValueError(f"unknown split protocol {protocol!r}; choose one of {PROTOCOLS}")
+    """Dispatch to :func:`split_by_patient` (``"patient"``, the default), :func:`split_by_slice` (``"slice"``)
+    or fold ``fold`` of :func:`patient_kfold` (``"kfold"``, used by ``run cross_validation``; its validation
+    part is ``val_fraction`` of the fold's training patients)."""
+    if protocol == "kfold":
+        if not 0 <= fold < n_folds:
+            raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")
+        splits = patient_kfold(records, n_folds=n_folds, seed=seed, val_fraction=val_fraction)[fold]
+    elif protocol == "patient":
+        splits = split_by_patient(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    elif protocol == "slice":
+        splits = split_by_slice(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    else:
+        raise ValueError(f"unknown split protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if val_fraction > 0 and not splits["validation"]:
+        # Without validation slices no checkpoint is ever chosen; say so now, not after training.
+        raise ValueError(
+            f"the {protocol} split left no validation slices (val_fraction={val_fraction}, "
+            f"{len(patient_labels(records))} patients): too few patients per grade; use more data or a larger "
+            "val_fraction"
+        )
+    return splits

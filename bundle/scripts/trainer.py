@@ -174,25 +174,40 @@ class SDLTrainer(SupervisedTrainer):
             target = (labels[i] == labels[j]).to(logit.dtype)
             bces.append(self.synergic_loss(logit, target).mean())
             correct.append(((logit.detach() > 0) == target.bool()).float())
-        total = torch.stack(ces).sum() + torch.stack(bces).sum()
+        total = torch.stack(ces + bces).sum()  # a single-branch baseline has no head: CE only
         for letter, ce in zip(letters, ces, strict=True):
             state[f"ce_{letter}"] = ce.detach()
-        state["synergic_bce"] = torch.stack(bces).detach().mean()
-        state["synergic_acc"] = torch.cat(correct).mean()
+        if bces:
+            state["synergic_bce"] = torch.stack(bces).detach().mean()
+            state["synergic_acc"] = torch.cat(correct).mean()
         state[Keys.LOSS] = total.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         return total
 
     def _iteration(self, engine: SDLTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
-        """One SDL step: N branch CEs + C(N,2) synergic BCEs, backward, optimizer step (AMP-aware)."""
+        """One SDL step: N branch CEs + C(N,2) synergic BCEs, backward, optimizer step (AMP-aware).
+
+        A 1-branch network (the single-network baseline, baseline.yaml) also takes unpaired ``image``/``label``
+        batches and is trained on its CE alone, through the same step, so both arms share AMP, accumulation,
+        handlers and output keys (``loss``, ``ce_a``, ``pred``, ``pred_a``, ...; no ``synergic_*``).
+        """
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = {k: self._to_device(engine, v) for k, v in batchdata.items()}
         letters = [c for c in string.ascii_lowercase if f"image_{c}" in batch]
-        if len(letters) < 2 or letters != branch_letters(len(letters)):
-            raise KeyError(f"Pair batches need image_a, image_b, ... with label_*; got keys {sorted(batch)}.")
-        images = [batch[f"image_{c}"] for c in letters]
-        labels = [batch[f"label_{c}"].long().view(-1) for c in letters]
+        if not letters and "image" in batch and getattr(_sdl_net(engine.network), "num_branches", 0) == 1:
+            # single-network baseline: plain {"image", "label"} batches (MONAI datasets of single slices)
+            image = batch["image"]
+            images = [image.as_tensor() if hasattr(image, "as_tensor") else image]
+            labels = [torch.as_tensor(batch["label"], device=images[0].device).long().view(-1)]
+        elif len(letters) < 2 or letters != branch_letters(len(letters)):
+            raise KeyError(
+                f"Pair batches need image_a, image_b, ... with label_* (or image/label for a 1-branch network); "
+                f"got keys {sorted(batch)}."
+            )
+        else:
+            images = [batch[f"image_{c}"] for c in letters]
+            labels = [batch[f"label_{c}"].long().view(-1) for c in letters]
 
         zero_grad, step = self._accumulation_flags(engine)
         acc = engine.accumulation_steps
@@ -222,8 +237,19 @@ class SDLEvaluator(SupervisedEvaluator):
 
     Runs the branches once through ``engine.inferer`` on ``network.branch_probabilities`` (DDP/compile wrappers and
     ``SDLPairForward`` are unwrapped) and outputs ``pred`` = the branch mean ``[B, C]`` (the default prediction),
-    ``branch_preds`` ``[B, N, C]`` and ``label`` when the batch has one. Same constructor as ``SupervisedEvaluator``.
+    ``branch_preds`` ``[B, N, C]`` and ``label`` when the batch has one. Same constructor as ``SupervisedEvaluator``,
+    plus ``tta_flip``: when True the inferer is wrapped in :class:`scripts.tta.FlipTTAInferer`, so every branch's
+    probabilities (and hence ``pred``) are the mean over the image and its left-right mirror. It lives here, not
+    in each config's ``inferer``, so validation, ``run evaluating`` and ``run inference`` switch it the same way.
     """
+
+    def __init__(self, *args: Any, tta_flip: bool = False, **kwargs: Any) -> None:
+        from scripts.tta import FlipTTAInferer, as_flag
+
+        super().__init__(*args, **kwargs)
+        self.tta_flip = as_flag(tta_flip)  # `--tta_flip false` arrives as the string "false"
+        if self.tta_flip:
+            self.inferer = FlipTTAInferer(self.inferer)
 
     def _iteration(self, engine: SDLEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:

@@ -23,6 +23,9 @@ Choices:
 
 Axis convention: images are ``(C, x=columns, y=rows)`` as produced by
 :class:`scripts.dicom_reader.DicomSliceReader`; with ``load=False`` pass arrays in that same convention.
+PNG/JPG files (image-folder datasets; ``reader="auto"`` picks by suffix) are read by MONAI's ``PILReader``
+with its default ``reverse_indexing=True``, which also returns ``(x=width, y=height)``, and colour images are
+converted to one grey channel (:func:`scripts.image_folder.to_grey`) before the same chain.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
+from monai.data import ImageReader, PILReader
 from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import (
@@ -51,11 +55,13 @@ from monai.transforms import (
 from monai.utils import convert_to_dst_type
 
 from scripts.dicom_reader import DicomSliceReader
+from scripts.flags import as_flag
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SUPPORTED_GAUSSIAN_KERNELS",
+    "READERS",
     "OpenCVGaussianSmoothd",
     "is_random",
     "opencv_sigma",
@@ -115,12 +121,29 @@ class OpenCVGaussianSmoothd(MapTransform):
         return d
 
 
+READERS = ("auto", "dicom", "pil")
+
+
+def _reader(name: str) -> ImageReader:
+    """The file reader of a chain: DICOM slices, PNG/JPG read to one grey channel, or either by file suffix."""
+    from scripts.image_folder import GreyImageOrDicomReader, to_grey
+
+    if name == "auto":
+        return GreyImageOrDicomReader()
+    if name == "dicom":
+        return DicomSliceReader()
+    if name == "pil":
+        return PILReader(converter=to_grey)  # reverse_indexing=True: (x=width, y=height) like DICOM
+    raise ValueError(f"unknown reader {name!r}; choose one of {READERS}")
+
+
 def preprocessing_transforms(
     image_size: int = 128,
     pretrained: bool = False,
     gaussian_kernel: int | None = None,
     keys: Sequence[str] | str = ("image",),
     load: bool = True,
+    reader: str = "auto",
 ) -> Compose:
     """The deterministic chain for validation, evaluation and inference (and the head of the training chain).
 
@@ -132,12 +155,16 @@ def preprocessing_transforms(
 
     ``load=False`` skips ``LoadImaged`` so an already loaded 2D array/tensor (``(x=columns, y=rows)``, no
     channel) runs through exactly the same steps, e.g. in a deploy path that decodes DICOM itself.
+
+    ``reader``: ``"auto"`` (default) reads PNG/JPG/BMP/TIFF files of image-folder datasets with MONAI's
+    ``PILReader`` (colour converted to grey) and every other file with ``DicomSliceReader``, so one config
+    serves both kinds of datalist; ``"dicom"`` or ``"pil"`` force one reader. Everything after loading is the same.
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     kernel = _check_kernel(gaussian_kernel)
     steps: list = []
     if load:
-        steps.append(LoadImaged(keys=keys, reader=DicomSliceReader(), image_only=True))
+        steps.append(LoadImaged(keys=keys, reader=_reader(reader), image_only=True))
     steps += [
         EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
         ScaleIntensityRangePercentilesd(keys=keys, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
@@ -146,7 +173,7 @@ def preprocessing_transforms(
     if kernel is not None:
         steps.append(OpenCVGaussianSmoothd(keys=keys, kernel_size=kernel))
     steps.append(RepeatChanneld(keys=keys, repeats=3))
-    if pretrained:
+    if as_flag(pretrained):  # `--pretrained false` arrives as the string "false"
         steps.append(NormalizeIntensityd(keys=keys, subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True))
     steps.append(EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float32))
     return Compose(steps)
@@ -160,6 +187,7 @@ def training_transforms(
     keys: Sequence[str] | str = ("image",),
     rotate_prob: float = 1.0,
     load: bool = True,
+    reader: str = "auto",
 ) -> Compose:
     """:func:`preprocessing_transforms` followed by a random rotation of +-``rotate_degrees`` (see module doc).
 
@@ -167,7 +195,12 @@ def training_transforms(
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     chain = preprocessing_transforms(
-        image_size=image_size, pretrained=pretrained, gaussian_kernel=gaussian_kernel, keys=keys, load=load
+        image_size=image_size,
+        pretrained=pretrained,
+        gaussian_kernel=gaussian_kernel,
+        keys=keys,
+        load=load,
+        reader=reader,
     )
     steps = list(chain.transforms)
     if rotate_degrees and rotate_prob > 0:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.flags import as_flag
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_RECORD_KEYS = ("image", "label", "patient_id")
@@ -58,13 +60,16 @@ def resolve_datalist(
     grade_aliases: Mapping[str, str] | None = None,
     include_post_contrast: bool = True,
     demo_cache_dir: str | None = None,
+    image_folder: str | None = None,
 ) -> list[dict]:
     """The records a run trains and evaluates on, from the first source given.
 
     1. ``datalist``: a JSON written by ``run indexing`` (or by hand);
-    2. ``dataset_dir`` + ``grades_csv``: a DICOM tree indexed now, its datalist and report written to
+    2. ``image_folder``: a folder-per-class PNG/JPG dataset (``scripts.image_folder``) indexed now, its
+       datalist and skipped-files CSV written to ``index_output`` (default ``<image_folder>_datalist.json``);
+    3. ``dataset_dir`` + ``grades_csv``: a DICOM tree indexed now, its datalist and report written to
        ``index_output`` (default: ``<dataset_dir>_datalist.json`` beside the tree);
-    3. nothing: the synthetic demo dataset, generated on first use into a cache folder.
+    4. nothing: the synthetic demo dataset, generated on first use into a cache folder.
     """
     from scripts.dicom_index import write_datalist
 
@@ -72,6 +77,15 @@ def resolve_datalist(
         records = load_datalist(datalist)
         logger.info("using datalist %s: %d slices", datalist, len(records))
         return _with_image_path(records)
+    if image_folder:
+        if dataset_dir is not None or grades_csv is not None:
+            raise ValueError(
+                f"--image_folder {image_folder} and a DICOM source (--dataset_dir/--grades_csv) were both given; "
+                "choose one"
+            )
+        from scripts.image_folder import write_image_datalist
+
+        return _with_image_path(write_image_datalist(image_folder, index_output, label_map))
     if dataset_dir is None and grades_csv is not None:
         raise ValueError(f"grades_csv {grades_csv} was given without --dataset_dir (the DICOM tree to index)")
     if dataset_dir is not None and grades_csv is None:
@@ -100,16 +114,23 @@ def resolve_datalist(
     return _with_image_path(records)
 
 
-def inference_records(input_path: str, output_dir: str, *, include_post_contrast: bool = True) -> list[dict]:
+def inference_records(
+    input_path: str, output_dir: str, *, include_post_contrast: bool = True, images: bool = False
+) -> list[dict]:
     """T1-weighted sagittal slices of a DICOM file, series folder or tree, selected as the indexer does.
 
     Files left out are listed in ``output_dir/skipped.csv`` with their reasons, so a user who expected a
-    slice to be graded can see why it was not.
+    slice to be graded can see why it was not. ``images=True`` (a model trained on an image folder) takes
+    a PNG/JPG file or every image below a folder instead (``scripts.image_folder.image_inference_records``).
     """
     from scripts.dicom_index import select_t1_sagittal, write_skipped_csv
 
     if not input_path:
         raise ValueError("inference needs --input: a DICOM file, a series folder or a DICOM tree")
+    if images:
+        from scripts.image_folder import image_inference_records
+
+        return image_inference_records(input_path, output_dir)
     result = select_t1_sagittal(input_path, include_post_contrast=include_post_contrast)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +178,41 @@ class OutputKey:
         return preds, labels
 
 
+class BranchOutput:
+    """``(probabilities, labels)`` of one branch from an evaluator's output, for per-branch metrics.
+
+    `scripts.trainer.SDLEvaluator` puts every branch's probabilities in ``branch_preds`` (``[N, C]`` per
+    decollated sample, ``[B, N, C]`` for a whole batch).
+    """
+
+    def __init__(self, branch: int) -> None:
+        self.branch = branch
+
+    def __call__(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(output, dict):
+            return output["branch_preds"][:, self.branch], output["label"]
+        preds = torch.stack([o["branch_preds"][self.branch] for o in output])
+        labels = torch.stack([torch.as_tensor(o["label"]) for o in output])
+        return preds, labels
+
+
+def validation_metrics(num_branches: int) -> dict:
+    """Validation metrics besides ``val_acc``: each branch's accuracy and the ensemble's cross-entropy.
+
+    ``val_loss`` is the negative log of the probability the ensemble gives the true grade, averaged over
+    slices: the validation loss curve of the paper's figures, comparable with the training CE.
+    """
+    from ignite.metrics import Accuracy, Loss
+    from monai.handlers import from_engine
+
+    from scripts.metrics import nll_of_probabilities
+
+    metrics: dict = {"val_loss": Loss(nll_of_probabilities, output_transform=from_engine(["pred", "label"]))}
+    for b in range(num_branches):
+        metrics[f"val_acc_branch{b + 1}"] = Accuracy(output_transform=BranchOutput(b))
+    return metrics
+
+
 class LearningRateRecorder:
     """Store the optimizer's learning rate in ``engine.state.learning_rate`` at the end of every epoch, so
     `TensorBoardStatsHandler(state_attributes=["learning_rate"])` plots the paper's decay."""
@@ -173,10 +229,11 @@ class LearningRateRecorder:
 
 
 class BestModelSaver:
-    """Save ``{"model": state_dict}`` to ``save_dir/filename`` whenever the evaluator's key metric improves.
+    """Save the network's bare state_dict to ``save_dir/filename`` whenever the evaluator's key metric improves.
 
-    MONAI's `CheckpointSaver` writes a lone object as a bare state_dict; MONAI Label, `ckpt_export
-    --key_in_ckpt model` and model-zoo bundles expect the weights under the key ``model``. The file is
+    A bare state_dict is what model-zoo bundles ship as ``models/model.pt`` (MONAI's `CheckpointSaver` writes
+    a lone object that way): ``ckpt_export`` without ``--key_in_ckpt``, `CheckpointLoader` with
+    ``load_dict={"model": net}`` and MONAI Label's bundle tasks all load it as is. The file is
     written to a temporary name and renamed, so an interrupted save never leaves a broken ``model.pt``.
     The best value and its epoch go to ``<filename stem>_metric.json`` beside it; a resumed run
     (``resume=True``) starts from that value, so it only replaces the model with a better one.
@@ -195,7 +252,7 @@ class BestModelSaver:
         self.metric_path = self.path.with_name(f"{self.path.stem}_metric.json")
         self.metric_name = metric_name
         self.best = float("-inf")
-        if resume and self.path.is_file() and self.metric_path.is_file():
+        if as_flag(resume) and self.path.is_file() and self.metric_path.is_file():
             self.best = float(json.loads(self.metric_path.read_text())[metric_name])
 
     def attach(self, engine: Engine) -> None:
@@ -209,7 +266,7 @@ class BestModelSaver:
         network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
-        torch.save({"model": network.state_dict()}, partial)
+        torch.save(network.state_dict(), partial)
         partial.replace(self.path)
         self.metric_path.write_text(json.dumps({self.metric_name: value, "epoch": engine.state.epoch}))
         logger.info("saved %s (%s %.4f)", self.path, self.metric_name, value)
@@ -243,7 +300,7 @@ def resume_handlers(resume: bool, ckpt_dir: str, load_dict: Mapping[str, object]
     Asking to resume with no checkpoint is an error, not a silent fresh start: a user who resumes expects
     the weights, optimizer, scheduler and epoch counter of the run they stopped.
     """
-    if not resume:
+    if not as_flag(resume):  # `--resume false` arrives as the string "false"
         return []
     from monai.handlers import CheckpointLoader
 

@@ -1,0 +1,1 @@
+"""Task classes (``infer``, ``train``; need ``monailabel``) and their plain logic (``grading``; does not)."""
