@@ -127,6 +127,23 @@ def test_unknown_fold_and_empty_validation_are_clear_errors():
         make_splits(records, protocol="kfold", fold=0, n_folds=2)
 
 
+def test_comparison_runs_sdl_and_a_baseline_on_the_same_split(data_args, runs_dir):
+    out = runs_dir / "comparison"
+    variants = "[{'name': 'sdl', 'overrides': {}}, {'name': 'single', 'config_file': 'baseline.yaml'}]"
+    bundle_run("comparison", ["train.yaml", "comparison.yaml"], *data_args, *TINY, "--variants", variants,
+               "--output_dir", str(out))  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"sdl", "single"}
+    assert summary["runs"]["sdl"]["n_test_slices"] == summary["runs"]["single"]["n_test_slices"]
+    sdl = json.loads((out / "sdl" / "eval" / "metrics.json").read_text())
+    single = json.loads((out / "single" / "eval" / "metrics.json").read_text())
+    assert set(sdl["slice_level"]) == {"ensemble", "branch1", "branch2"}
+    assert set(single["slice_level"]) == {"ensemble", "branch1"}  # one network, no partner
+    sdl_patients = (out / "sdl" / "eval" / "patients.csv").read_text().splitlines()[1:]
+    single_patients = (out / "single" / "eval" / "patients.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in sdl_patients] == [r.split(",")[0] for r in single_patients]
+
+
 def test_report_links_only_existing_figures_built_from_the_runs(data_args, runs_dir, tmp_path):
     """After the experiments above: one report over all of them, from their logs and metrics only."""
     import re
