@@ -24,6 +24,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from scripts.experiments import LEVELS, METRIC_NAMES, format_metric, headline_metrics, plot_sweep
+
 logger = logging.getLogger(__name__)
 
 _NOT_RUNS = {"models", "logs", "eval", "figures", "__pycache__", "configs", "scripts", "docs"}
@@ -38,8 +40,6 @@ _PANELS = (
     ("Ensemble (mean of branches)", [("val_acc", "val acc")],
      [("val_loss", "val CE"), ("train_loss_epoch", "train total loss")]),
 )  # fmt: skip
-METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
-LEVELS = ("slice_level", "patient_level")
 
 
 def find_runs(runs_dir: Path, skip: Iterable[Path] = ()) -> list[Path]:
@@ -139,16 +139,12 @@ def plot_training_curves(scalars: Mapping[str, list[tuple[int, float]]], title: 
     return path
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _comparison_table(evaluations: Mapping[str, Mapping], level: str) -> list[str]:
-    lines = ["| run | test slices | test patients | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 3) + "|"]
+    header = "| run | test slices | test patients | " + " | ".join(METRIC_NAMES) + " |"
+    lines = [header, "|---" * (len(METRIC_NAMES) + 3) + "|"]
     for name, metrics in evaluations.items():
-        entry = metrics[level]["ensemble"]
-        values = [entry["accuracy"], *(entry["macro"][m] for m in METRICS[1:])]
-        cells = " | ".join(_fmt(v) for v in values)
+        row = headline_metrics(metrics)[level]
+        cells = " | ".join(format_metric(row[m]) for m in METRIC_NAMES)
         lines.append(f"| {name} | {metrics['n_slices']} | {metrics['n_patients']} | {cells} |")
     return lines
 
@@ -158,7 +154,7 @@ def _per_class_table(evaluations: Mapping[str, Mapping], level: str) -> list[str
     for name, metrics in evaluations.items():
         entry = metrics[level]["ensemble"]
         for class_name, values in entry["per_class"].items():
-            cells = " | ".join(_fmt(values.get(m)) for m in ("precision", "recall", "specificity", "f1"))
+            cells = " | ".join(format_metric(values.get(m)) for m in ("precision", "recall", "specificity", "f1"))
             lines.append(f"| {name} | {class_name} | {cells} |")
     return lines
 
@@ -168,14 +164,13 @@ def _branch_table(evaluations: Mapping[str, Mapping]) -> list[str]:
     lines = ["| run | model | accuracy | macro AUC |", "|---|---|---|---|"]
     for name, metrics in evaluations.items():
         for model, entry in metrics["slice_level"].items():
-            lines.append(f"| {name} | {model} | {_fmt(entry['accuracy'])} | {_fmt(entry['macro']['auc'])} |")
+            accuracy, auc = format_metric(entry["accuracy"]), format_metric(entry["macro"]["auc"])
+            lines.append(f"| {name} | {model} | {accuracy} | {auc} |")
     return lines
 
 
 def _experiment_section(summary_file: Path, runs_dir: Path, figures: Path) -> list[str]:
     """An experiment's own summary.md, with its plot (if any) redrawn into the report's figures."""
-    from scripts.experiments import plot_sweep
-
     summary = json.loads(summary_file.read_text())
     name = str(summary_file.parent.relative_to(runs_dir)) if summary_file.parent != runs_dir else runs_dir.name
     markdown_file = summary_file.with_name("summary.md")

@@ -183,7 +183,7 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def _fmt(value: float | None, std: float | None = None) -> str:
+def format_metric(value: float | None, std: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.3f}" if std is None else f"{value:.3f} ± {std:.3f}"
@@ -193,7 +193,7 @@ def metrics_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], level: 
     """A Markdown table: one line per run, one column per headline metric, at ``level``."""
     lines = ["| run | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(row[level][m]) for m in METRIC_NAMES) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_metric(row[level][m]) for m in METRIC_NAMES) + " |")
     return "\n".join(lines)
 
 
@@ -230,9 +230,8 @@ def cross_validate(
     for level in LEVELS:
         rows = {f"fold {f['fold']}": f for f in folds}
         lines += [f"## {level.replace('_', ' ')}", "", metrics_table(rows, level)]
-        lines.append(
-            "| **mean ± std** | " + " | ".join(_fmt(mean[level][m], std[level][m]) for m in METRIC_NAMES) + " |"
-        )
+        cells = " | ".join(format_metric(mean[level][m], std[level][m]) for m in METRIC_NAMES)
+        lines.append(f"| **mean ± std** | {cells} |")
         lines.append("")
     return _write_summary(experiment.output_dir, summary, "\n".join(lines))
 
