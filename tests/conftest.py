@@ -1,5 +1,7 @@
-"""Put the bundle root on sys.path so tests import `scripts.*` exactly as MONAI bundle configs do."""
+"""Put the bundle root on sys.path so tests import `scripts.*` exactly as MONAI bundle configs do, and run
+`python -m monai.bundle` from the repository root the way users do."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -7,3 +9,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
+
+
+def monai_bundle(*args: str, timeout: int = 900) -> str:
+    """``python -m monai.bundle ARGS`` from the repository root; fails the test with the log's tail, else returns it."""
+    command = [sys.executable, "-m", "monai.bundle", *args]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{log[-6000:]}"
+    return log
+
+
+def bundle_run(run_id: str, config_file: str, *overrides: str, timeout: int = 900) -> str:
+    """``python -m monai.bundle run RUN_ID --config_file CONFIG_FILE OVERRIDES`` (see :func:`monai_bundle`)."""
+    return monai_bundle("run", run_id, "--config_file", config_file, *overrides, timeout=timeout)

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, bundle_run
 from monai.bundle import ConfigParser
 from scripts.network import SDLNet
 from scripts.trainer import SDLTrainer
-from test_bundle import bundle_run
 from test_image_folder import write_dataset
 
 TRAIN = str(REPO_ROOT / "bundle/configs/train.yaml")

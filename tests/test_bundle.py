@@ -15,20 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, bundle_run
 
 TRAIN = "bundle/configs/train.yaml"
 EVALUATE = "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']"
 INFERENCE = "bundle/configs/inference.yaml"
 SMALL = ["--image_size", "64", "--batch_size", "4", "--num_workers", "0"]
-
-
-def bundle_run(run_id: str, config_file: str, *overrides: str, timeout: int = 900) -> str:
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *overrides]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{log[-6000:]}"
-    return log
 
 
 @pytest.fixture(scope="module")

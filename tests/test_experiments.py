@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import bundle_run
 from scripts.experiments import mean_and_std, parse_bundle_command_line
 
 TINY = [
@@ -23,13 +21,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def bundle_run(run_id: str, config_files: list[str], *overrides: str, timeout: int = 900) -> str:
-    config = "[" + ",".join(f"'bundle/configs/{f}'" for f in config_files) + "]"
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *overrides]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{log[-6000:]}"
-    return log
+def run_configs(run_id: str, config_files: list[str], *overrides: str) -> str:
+    """`run RUN_ID` with config files of bundle/configs given by name."""
+    return bundle_run(run_id, "[" + ",".join(f"'bundle/configs/{f}'" for f in config_files) + "]", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +66,7 @@ def test_mean_and_std_ignore_undefined_values():
 
 def test_cross_validation_writes_per_fold_metrics_and_their_mean(data_args, runs_dir):
     out = runs_dir / "cv"
-    bundle_run(
+    run_configs(
         "cross_validation", ["train.yaml", "cross_validation.yaml"], *data_args, *TINY,
         "--n_folds", "2", "--output_dir", str(out), "--train#trainer#max_epochs", "1",
     )  # fmt: skip
@@ -93,7 +87,7 @@ def test_cross_validation_writes_per_fold_metrics_and_their_mean(data_args, runs
     assert "mean ± std" in (out / "summary.md").read_text()
 
     # The same command again finds every fold evaluated and re-runs nothing.
-    log = bundle_run(
+    log = run_configs(
         "cross_validation", ["train.yaml", "cross_validation.yaml"], *data_args, *TINY,
         "--n_folds", "2", "--output_dir", str(out),
     )  # fmt: skip
@@ -102,14 +96,14 @@ def test_cross_validation_writes_per_fold_metrics_and_their_mean(data_args, runs
 
 def test_protocol_comparison_and_sweep_write_tables_and_plot(data_args, runs_dir):
     out = runs_dir / "protocols"
-    bundle_run("protocol_comparison", ["train.yaml", "protocol_comparison.yaml"], *data_args, *TINY,
+    run_configs("protocol_comparison", ["train.yaml", "protocol_comparison.yaml"], *data_args, *TINY,
                "--output_dir", str(out))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["runs"]) == {"slice", "patient"}
     assert json.loads((out / "slice_split" / "run.json").read_text())["overrides"]["split_protocol"] == "slice"
 
     out = runs_dir / "lambda"
-    bundle_run("sweep", ["train.yaml", "sweep.yaml"], *data_args, *TINY, "--sweep_key", "synergic_lambda",
+    run_configs("sweep", ["train.yaml", "sweep.yaml"], *data_args, *TINY, "--sweep_key", "synergic_lambda",
                "--sweep_values", "[3,8]", "--output_dir", str(out))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert [p["value"] for p in summary["points"]] == [3, 8]
@@ -130,7 +124,7 @@ def test_unknown_fold_and_empty_validation_are_clear_errors():
 def test_comparison_runs_sdl_and_a_baseline_on_the_same_split(data_args, runs_dir):
     out = runs_dir / "comparison"
     variants = "[{'name': 'sdl', 'overrides': {}}, {'name': 'single', 'config_file': 'baseline.yaml'}]"
-    bundle_run("comparison", ["train.yaml", "comparison.yaml"], *data_args, *TINY, "--variants", variants,
+    run_configs("comparison", ["train.yaml", "comparison.yaml"], *data_args, *TINY, "--variants", variants,
                "--output_dir", str(out))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["runs"]) == {"sdl", "single"}
@@ -151,7 +145,7 @@ def test_report_links_only_existing_figures_built_from_the_runs(data_args, runs_
     if not (runs_dir / "cv" / "summary.json").is_file():
         pytest.skip("needs the cross-validation run of this module")
     out = tmp_path / "report"
-    bundle_run("report", ["train.yaml", "report.yaml"], "--runs_dir", str(runs_dir), "--output_dir", str(out))
+    run_configs("report", ["train.yaml", "report.yaml"], "--runs_dir", str(runs_dir), "--output_dir", str(out))
     text = (out / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links and all((out / link).is_file() for link in links), [x for x in links if not (out / x).is_file()]

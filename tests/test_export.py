@@ -16,19 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, monai_bundle
 from scripts.network import SDLNet
 
 META = "bundle/configs/metadata.json"
 INFERENCE = "bundle/configs/inference.yaml"
-
-
-def monai_bundle(*args: str, timeout: int = 600) -> str:
-    command = [sys.executable, "-m", "monai.bundle", *args]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{log[-4000:]}"
-    return log
 
 
 def test_verify_net_in_out_passes_on_the_inference_config():

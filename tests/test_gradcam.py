@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pydicom
 import pytest
 import torch
 import torchvision
-from conftest import REPO_ROOT
+from conftest import bundle_run
 from PIL import Image
 from scripts.gradcam import GradCAMWriter, _target_layers, branch_cams, default_target_layer, overlay_image
 from scripts.network import SDLNet
@@ -119,14 +117,15 @@ def tiny_dicom(tmp_path_factory):
 def test_inference_writes_one_overlay_per_branch_and_lists_them(tiny_dicom, tmp_path):
     torch.manual_seed(0)
     (tmp_path / "models").mkdir()
-    torch.save({"model": SDLNet(**NET).state_dict()}, tmp_path / "models" / "model.pt")
+    torch.save(SDLNet(**NET).state_dict(), tmp_path / "models" / "model.pt")  # as BestModelSaver writes it
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", INFERENCE]
-    command += ["--input", tiny_dicom["dicom_dir"], "--output_dir", str(out), "--bundle_root", str(tmp_path)]
-    command += ["--image_size", "64", "--device", "cpu", "--backbone", NET["backbone"], "--hidden_size", "16"]
-    command += ["--gradcam", "true", "--gradcam_max_slices", "3"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    bundle_run(
+        "inference", INFERENCE,
+        "--input", tiny_dicom["dicom_dir"], "--output_dir", str(out), "--bundle_root", str(tmp_path),
+        "--image_size", "64", "--device", "cpu", "--backbone", NET["backbone"], "--hidden_size", "16",
+        "--gradcam", "true", "--gradcam_max_slices", "3",
+        timeout=300,
+    )  # fmt: skip
 
     slices = json.loads((out / "predictions.json").read_text())["slices"]
     assert len(slices) > 3

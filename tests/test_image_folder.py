@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bundle_run
 from monai.data import create_test_image_2d
 from PIL import Image
 from scripts.image_folder import (
@@ -22,7 +23,6 @@ from scripts.image_folder import (
     write_image_datalist,
 )
 from scripts.transforms import preprocessing_transforms, training_transforms
-from test_bundle import bundle_run
 
 CLASSES = ("pituitary", "glioma", "notumor", "meningioma")  # written unsorted: the label map must sort them
 # Per class: (number of blobs, largest radius, smallest radius); the classes differ in what the images show.

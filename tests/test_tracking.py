@@ -7,11 +7,8 @@ Runs when MLflow is installed (``pip install -e ".[tracking]"``).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO_ROOT
+from conftest import bundle_run
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[tracking]'")
 
@@ -21,18 +18,15 @@ def test_tracking_mlflow_records_training_and_validation(tmp_path):
 
     data = generate_demo_dataset(tmp_path / "data", n_patients_per_grade=3, slices_per_series=2, image_size=(48, 48))
     bundle_root = tmp_path / "bundle_root"
-    command = [
-        sys.executable, "-m", "monai.bundle", "run", "training",
-        "--config_file", "bundle/configs/train.yaml",
+    bundle_run(
+        "training", "bundle/configs/train.yaml",
         "--dataset_dir", data["dicom_dir"], "--grades_csv", data["grades_csv"],
         "--index_output", str(tmp_path / "datalist.json"),
         "--bundle_root", str(bundle_root),
         "--backbone", "resnet18", "--hidden_size", "16",
         "--image_size", "32", "--batch_size", "4", "--num_workers", "0", "--epochs", "1",
         "--tracking", "mlflow",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    )  # fmt: skip
 
     store = bundle_root / "eval" / "mlruns.db"  # MONAI's default: <output_dir>/mlruns.db
     assert store.is_file(), f"no MLflow store at {store}"

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import bundle_run
 from monai.transforms import Flip
 from scripts.network import SDLNet
 from scripts.trainer import SDLEvaluator
@@ -109,14 +107,15 @@ def test_config_switch_reaches_the_evaluator(tiny_datalist, net, tmp_path):
     from scripts.transforms import preprocessing_transforms
 
     (tmp_path / "models").mkdir()
-    torch.save({"model": net.state_dict()}, tmp_path / "models" / "model.pt")
+    torch.save(net.state_dict(), tmp_path / "models" / "model.pt")  # as BestModelSaver writes it
     out = tmp_path / "eval"
-    command = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE]
-    command += ["--datalist", str(tiny_datalist), "--bundle_root", str(tmp_path), "--output_dir", str(out)]
-    command += ["--image_size", "64", "--num_workers", "0", "--device", "cpu", "--tta_flip", "true"]
-    command += ["--backbone", NET["backbone"], "--hidden_size", str(NET["hidden_size"])]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    bundle_run(
+        "evaluating", EVALUATE,
+        "--datalist", str(tiny_datalist), "--bundle_root", str(tmp_path), "--output_dir", str(out),
+        "--image_size", "64", "--num_workers", "0", "--device", "cpu", "--tta_flip", "true",
+        "--backbone", NET["backbone"], "--hidden_size", str(NET["hidden_size"]),
+        timeout=300,
+    )  # fmt: skip
 
     assert json.loads((out / "metrics.json").read_text())["tta_flip"] is True
     rows = list(csv.DictReader(open(out / "predictions.csv")))
