@@ -68,10 +68,35 @@ def test_branches_share_no_weights():
 
 
 def test_new_layers_use_zhang_uniform_init():
-    net = _small_net()
-    for layer in [net.branches[0].hidden[0], net.branches[0].classifier[1], net.heads[0][0]]:
-        assert layer.weight.abs().max() <= 0.05
+    net = _small_net(random_init="torchvision")
+    for layer in [net.branches[0].hidden[0], net.branches[0].classifier[1], net.heads[0][0], net.heads[0][2]]:
+        assert layer.weight.abs().max() <= 0.05 and layer.weight.abs().max() > 0.04
         assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_from_scratch_branches_start_without_a_class_preference():
+    """He-initialised backbones, zero prediction layers and zero synergic outputs: every slice starts at
+    p = 1/3 for each grade (loss ln 3) and p = 0.5 for "same grade", while the features already differ."""
+    net = _small_net().eval()
+    images = _images(batch=4)
+    torch.testing.assert_close(net(images), torch.full((4, 3), 1 / 3))
+    out = net.forward_pairs([images, _images(batch=4, seed=1)])
+    torch.testing.assert_close(out["synergic_logits"][0], torch.zeros(4))
+    features = out["features"][0]
+    assert float(features.std(dim=0).mean()) > 0.01  # the hidden features depend on the image
+    conv = net.branches[0].backbone.features[0]  # He normal, fan_in: std sqrt(2 / fan_in)
+    fan_in = conv.weight[0].numel()
+    assert abs(float(conv.weight.std()) - (2 / fan_in) ** 0.5) < 0.1 * (2 / fan_in) ** 0.5
+    assert net.branches[0].hidden[0].weight.abs().max() <= 0.05  # the hidden layer keeps Zhang's init
+
+
+def test_zero_output_layer_still_learns():
+    """A zero prediction layer gets a gradient at once, so the first step moves the logits."""
+    net = _small_net(dropout=0.0)
+    images, labels = _images(batch=6), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = nn.functional.cross_entropy(net.branches[0](images)[0], labels)
+    loss.backward()
+    assert float(net.branches[0].classifier[1].weight.grad.abs().sum()) > 0
 
 
 def test_single_neuron_head():
@@ -160,7 +185,9 @@ def test_jit_script_matches_eager():
 
 def _rule_setup():
     """A deterministic double-precision net (eval: no dropout, frozen BN statistics) and one pair batch."""
-    net = _small_net(backbone="resnet18", dropout=0.0).double().eval()
+    # Zhang's initialisation throughout: a zero-initialised head (the from-scratch default) passes no synergic
+    # gradient to the branches at the first step, and the rule is about that gradient
+    net = _small_net(backbone="resnet18", dropout=0.0, random_init="torchvision").double().eval()
     xa, xb = _images(seed=1).double(), _images(seed=2).double()
     ya, yb = torch.tensor([0, 1]), torch.tensor([0, 2])
     target = (ya == yb).double()
@@ -220,7 +247,7 @@ def test_naive_lambda_times_bce_would_scale_the_head_gradient():
 
 
 def test_three_branches_each_get_lambda_times_sum_of_their_heads():
-    net = _small_net(backbone="resnet18", num_branches=3, dropout=0.0).double().eval()
+    net = _small_net(backbone="resnet18", num_branches=3, dropout=0.0, random_init="torchvision").double().eval()
     images = [_images(seed=i).double() for i in range(3)]
     labels = [torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([1, 1])]
 

@@ -1,20 +1,30 @@
-"""The embedded demo dataset: a small SYNTHETIC, REMBRANDT-shaped DICOM tree with a grade CSV.
+"""The embedded demo dataset: a SYNTHETIC, REMBRANDT-shaped DICOM tree of gliomas on real T1 brain anatomy.
 
 It lets the whole bundle (indexing, training, evaluation, reporting) run end to end without downloading
-patient data, and it exercises what the real collection throws at the pipeline: several series per study
-of which only the sagittal T1 is used, a 3-plane localizer, TCIA folder names, mixed grade notations
-("II", "3", "GBM"), a patient without a grade and a CSV row without images.
+patient data, and it exercises what the real collection throws at the pipeline: several series per study of
+which only the sagittal T1 is used, a 3-plane localizer, TCIA folder names, mixed grade notations ("II", "3",
+"GBM"), a patient without a grade and a CSV row without images.
 
-Images are head-like ellipses with tissue texture (blobs from MONAI's ``create_test_image_2d``) and a lesion
-whose appearance depends on the grade, strongly enough for a small CNN to learn in a few CPU epochs:
+Every patient is the ICBM 2009a brain (``scripts.demo_anatomy``) with its own head size, tilt, position and
+elastic warp, and its own scanner (MONAI's bias field, gamma contrast, intensity scale and Rician noise), so
+that patients differ the way real patients and scanners do and a model can recognise a patient from its
+anatomy: under a slice-level split that is a leak that inflates accuracy, which this data lets one measure.
+Each carries one glioma in cerebral white matter (``scripts.demo_lesions``). The SAG T1 series has
+``slices_per_series`` 5 mm slices 6 mm apart; slices beside the tumour show little or none of it, yet carry
+the patient's grade, as in the real collection.
 
-* grade II: small, homogeneous, mildly hypointense, smooth border;
-* grade III: larger, heterogeneous (cyst-like blobs), irregular border;
-* grade IV: ring-enhancing rim around a dark necrotic core, surrounded by hypointense oedema.
+**The difficulty knob and the known ceiling.** A share ``mimic_fraction`` of each grade's patients has a lesion
+that looks like a neighbouring grade (II -> III, IV -> III, III -> II or IV): its images are drawn exactly as
+those of the grade it looks like. Grade reaches the pixels only through the lesion's kind, so no rule that
+sees the images can beat the rule that knows each patient's lesion kind and answers the grade most patients
+of that kind have. That rule's accuracy, over the generated cohort, is written to ``demo_info.json`` as
+``ceiling_accuracy_patient`` (per patient) and ``ceiling_accuracy_slice`` (per slice): about 0.9 by default.
+The slice figure is an upper bound that lesion-free slices keep out of reach (``slices_with_lesion``).
 
-The lesion is largest in the central slices and shrinks towards the edges of the series; every slice
-still carries the patient's grade, as REMBRANDT slices do. Everything is deterministic in ``seed``
-(pixels and UIDs); nothing here is patient data.
+Files under ``root``: ``dicom/DEMO-0001/<study>/<series>/1-01.dcm``, ``grades.csv`` (``Sample,Grade``),
+``demo_info.json`` (settings, ceilings, each patient's grade and lesion), and the lesion masks of the SAG T1
+slices, ``masks/<PatientID>/<SOPInstanceUID>.png`` (the slice's rows x columns; 0 background, 1 tumour, 2
+oedema) listed in ``masks/masks.csv``. Everything is deterministic in ``seed``; nothing here is patient data.
 """
 
 from __future__ import annotations
@@ -26,32 +36,57 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data.synthetic import create_test_image_2d
+import torch
+from monai.transforms import Compose, RandAdjustContrast, RandBiasField, RandRicianNoise, RandScaleIntensity
+from monai.utils import convert_to_tensor
+from PIL import Image
 
+from scripts.demo_anatomy import (
+    TEMPLATE_CITATION,
+    PatientGeometry,
+    Template,
+    load_template,
+    plane_points,
+    random_geometry,
+    sample_tissue,
+    to_template,
+)
+from scripts.demo_lesions import Lesion, draw_lesion, render
 from scripts.synthetic_dicom import AXIAL, CORONAL, LOCALIZER_IMAGE_TYPE, SAGITTAL, write_mr_slice
 
 __all__ = [
     "DEMO_GRADES",
     "GENERATOR_VERSION",
+    "INFO_NAME",
     "MARKER_NAME",
+    "DemoPatient",
+    "ceiling_accuracy",
     "default_cache_dir",
+    "demo_cohort",
     "ensure_demo_dataset",
     "generate_demo_dataset",
+    "render_series",
 ]
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 MARKER_NAME = ".sdl_demo_complete.json"
+INFO_NAME = "demo_info.json"
 DEMO_GRADES = ("II", "III", "IV")
 # Notations cycled per patient, as REMBRANDT's clinical tables mix them.
 _NOTATIONS = {"II": ("II", "2"), "III": ("III", "3"), "IV": ("IV", "GBM")}
 _SYNTHETIC_WARNING = "Using SYNTHETIC demo data (generated images, NOT patient data) at %s"
+_FIELD_OF_VIEW_MM = 240.0
+_SIGNAL_GAIN = 1000.0  # white matter's stored value before the scanner's own intensity scale
+MASK_LABELS = {"background": 0, "tumour": 1, "oedema": 2}
 
 
 @dataclass(frozen=True)
@@ -67,122 +102,154 @@ class _Series:
     n_slices: int | None = None  # None -> slices_per_series
     inversion_time: float | None = None
     localizer: bool = False
+    spacing: float = 6.0  # mm between slice centres
+    thickness: float = 5.0
 
 
 _SERIES = (
-    _Series(1, "3-PLANE LOC", SAGITTAL, 8.6, 1.6, "t1", n_slices=3, localizer=True),
-    _Series(2, "AX T1", AXIAL, 550.0, 12.0, "t1", n_slices=3),
+    _Series(1, "3-PLANE LOC", SAGITTAL, 8.6, 1.6, "t1", n_slices=3, localizer=True, thickness=10.0),
+    _Series(2, "AX T1", AXIAL, 550.0, 12.0, "t1", n_slices=3, spacing=20.0),
     _Series(3, "SAG T1", SAGITTAL, 500.0, 15.0, "t1"),
-    _Series(4, "AX T2", AXIAL, 4000.0, 100.0, "t2", n_slices=3),
-    _Series(5, "AX FLAIR", AXIAL, 9000.0, 140.0, "flair", n_slices=3, inversion_time=2500.0),
-    _Series(6, "SAG T2", SAGITTAL, 4200.0, 102.0, "t2", n_slices=2),
+    _Series(4, "AX T2", AXIAL, 4000.0, 100.0, "t2", n_slices=3, spacing=20.0),
+    _Series(5, "AX FLAIR", AXIAL, 9000.0, 140.0, "flair", n_slices=3, inversion_time=2500.0, spacing=20.0),
+    _Series(6, "SAG T2", SAGITTAL, 4200.0, 102.0, "t2", n_slices=2, spacing=20.0),
 )
-
-# Tissue intensities per contrast: background, scalp/fat, brain, csf.
-_TISSUE = {
-    "t1": {"scalp": 1400.0, "brain": 760.0, "csf": 220.0},
-    "t2": {"scalp": 700.0, "brain": 600.0, "csf": 1700.0},
-    "flair": {"scalp": 800.0, "brain": 650.0, "csf": 150.0},
-}
+_GRADED_SERIES = 3  # SAG T1: the series the bundle grades, with lesion masks
 
 
-def _box_blur(img: np.ndarray, k: int) -> np.ndarray:
-    """Separable box blur (edge-padded) used to soften texture; scipy is not a dependency."""
-    if k <= 1:
-        return img
-    pad = k // 2
-    out = np.pad(img, pad, mode="edge")
-    for axis in (0, 1):
-        c = np.cumsum(out, axis=axis)
-        c = np.concatenate([np.zeros_like(c.take([0], axis=axis)), c], axis=axis)
-        n = out.shape[axis]
-        out = (c.take(range(k, n + 1), axis=axis) - c.take(range(0, n + 1 - k), axis=axis)) / k
-    return out[: img.shape[0], : img.shape[1]]
+@dataclass(frozen=True)
+class DemoPatient:
+    """A demo patient: the clinical ``grade`` (None: not in the grade table) and the ``lesion_kind`` its images
+    show, which differs from the grade for the difficulty knob's mimics."""
+
+    index: int
+    patient_id: str
+    grade: str | None
+    lesion_kind: str
+
+    @property
+    def mimic(self) -> bool:
+        return self.grade is not None and self.grade != self.lesion_kind
 
 
-def _texture(shape: tuple[int, int], rs: np.random.RandomState) -> np.ndarray:
-    """Soft blob texture in [0, 1] from MONAI's synthetic image generator."""
-    h, w = shape
-    rad_max = max(3, min(h, w) // 10)
-    img, _ = create_test_image_2d(h, w, num_objs=25, rad_max=rad_max, rad_min=2, noise_max=0.0, random_state=rs)
-    return _box_blur(img, 3)
-
-
-def _lesion(
-    grade: str,
-    rr: np.ndarray,
-    theta: np.ndarray,
-    radius: float,
-    brain: float,
-    tex: np.ndarray,
-    contrast: str,
-    shape_phase: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (mask weight 0..1 of the affected area, intensity there) for one lesion.
-
-    ``rr`` is the distance from the lesion centre in pixels, ``theta`` the angle around it.
-    """
-    bright = contrast != "t1"  # on T2/FLAIR lesions and oedema are hyperintense
-    if grade == "II":
-        edge = radius
-        w = np.clip((edge - rr) / 1.5 + 0.5, 0, 1)
-        value = brain * (1.45 if bright else 0.6)
-        return w, np.full_like(rr, value)
+def _mimic_kind(grade: str, turn: int) -> str:
+    """The neighbouring grade a mimic looks like: II -> III, IV -> III, III -> II and IV in turn."""
     if grade == "III":
-        edge = radius * (1 + 0.18 * np.sin(3 * theta + shape_phase[0]) + 0.1 * np.sin(5 * theta + shape_phase[1]))
-        w = np.clip((edge - rr) / 1.5 + 0.5, 0, 1)
-        value = brain * (1.5 if bright else 0.55) + (tex - 0.5) * brain * 1.5
-        return w, value
-    # grade IV: oedema halo, enhancing rim, necrotic core
-    oedema = np.clip((1.7 * radius - rr) / 2.0 + 0.5, 0, 1)
-    rim = (rr <= radius) & (rr >= 0.68 * radius)
-    core = rr < 0.68 * radius
-    value = np.full_like(rr, brain * (1.35 if bright else 0.8))
-    value[rim] = 1500.0 if contrast == "t1" else brain * 1.2
-    value[core] = brain * (2.2 if bright else 0.3) + (tex[core] - 0.5) * 60
-    return oedema, value
+        return ("II", "IV")[turn % 2]
+    return "III"
 
 
-def _slice_pixels(
-    shape: tuple[int, int],
-    rng: np.random.Generator,
-    *,
-    grade: str | None,
-    contrast: str,
-    plane: str,
-    lesion_scale: float,
-    lesion_centre: tuple[float, float],
-    lesion_radius: float,
-    shape_phase: np.ndarray,
-) -> np.ndarray:
-    """One uint16 slice: head, ventricles, texture, optional lesion, noise; values in about 0..2000."""
-    h, w = shape
-    rs = np.random.RandomState(int(rng.integers(2**31)))
-    tissue = _TISSUE[contrast]
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    cy, cx = h / 2 + rng.normal(0, h * 0.01), w / 2 + rng.normal(0, w * 0.01)
-    ay, ax = (0.36 * h, 0.43 * w) if plane == "sag" else (0.42 * h, 0.36 * w)
-    head_r = np.sqrt(((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2)
-    img = np.zeros(shape, dtype=np.float32)
-    img[head_r <= 1.0] = tissue["scalp"]
-    brain_mask = head_r <= 0.9
-    tex = _texture(shape, rs).astype(np.float32)
-    img[brain_mask] = tissue["brain"] * (0.9 + 0.2 * tex[brain_mask])
-    vent_r = np.sqrt(((yy - cy) / (0.1 * h)) ** 2 + ((xx - cx) / (0.05 * w)) ** 2)
-    img[vent_r <= 1.0] = tissue["csf"]
+def demo_cohort(n_patients_per_grade: int, mimic_fraction: float, seed: int) -> list[DemoPatient]:
+    """The graded patients (``DEMO-0001``... cycling II, III, IV), then one patient the grade table calls "NA".
 
-    if grade is not None and lesion_scale > 0:
-        ly, lx = cy + lesion_centre[0] * ay, cx + lesion_centre[1] * ax
-        rr = np.sqrt((yy - ly) ** 2 + (xx - lx) ** 2)
-        theta = np.arctan2(yy - ly, xx - lx)
-        weight, value = _lesion(
-            grade, rr, theta, lesion_radius * lesion_scale, tissue["brain"], tex, contrast, shape_phase
+    In each grade, ``round(mimic_fraction * n_patients_per_grade)`` patients, picked at random from ``seed``,
+    have a lesion that looks like a neighbouring grade.
+    """
+    if not 0.0 <= mimic_fraction <= 1.0:
+        raise ValueError(f"mimic_fraction must be in [0, 1], got {mimic_fraction}")
+    rng = np.random.default_rng([seed, 1])
+    n_mimics = int(np.floor(mimic_fraction * n_patients_per_grade + 0.5))
+    patients = []
+    indices = {g: [i for i in range(n_patients_per_grade * 3) if i % 3 == k] for k, g in enumerate(DEMO_GRADES)}
+    kinds: dict[int, str] = {}
+    for grade, members in indices.items():
+        for turn, i in enumerate(sorted(rng.choice(members, size=n_mimics, replace=False).tolist())):
+            kinds[i] = _mimic_kind(grade, turn)
+    for i in range(n_patients_per_grade * 3):
+        grade = DEMO_GRADES[i % 3]
+        patients.append(DemoPatient(i, f"DEMO-{i + 1:04d}", grade, kinds.get(i, grade)))
+    n = len(patients)
+    patients.append(DemoPatient(n, f"DEMO-{n + 1:04d}", None, "II"))
+    return patients
+
+
+def ceiling_accuracy(grades: Sequence[str], kinds: Sequence[str], weights: Sequence[float] | None = None) -> float:
+    """Accuracy of the best rule that knows each case's lesion kind: answer the grade most common for that kind.
+
+    Images depend on the grade only through the kind, so this is the best accuracy any image-based rule
+    can expect on these cases. ``weights``: e.g. each patient's number of slices, for the slice-level figure.
+    """
+    weights = [1.0] * len(grades) if weights is None else [float(w) for w in weights]
+    mass: Counter = Counter()
+    for grade, kind, weight in zip(grades, kinds, weights, strict=True):
+        mass[(kind, grade)] += weight
+    best = {}
+    for kind in {k for k, _ in mass}:
+        # ties go to the kind's own grade
+        best[kind] = max(DEMO_GRADES, key=lambda g, k=kind: (mass[(k, g)], g == k))
+    right = sum(w for g, k, w in zip(grades, kinds, weights, strict=True) if best[k] == g)
+    return right / sum(weights)
+
+
+@dataclass(frozen=True)
+class _Scanner:
+    """One patient's scanner: MONAI's random intensity transforms with this patient's seed."""
+
+    seed: int
+
+    def apply(self, stack: torch.Tensor, series_number: int) -> torch.Tensor:
+        """Coil bias, gamma contrast, intensity scale and Rician noise over a series ``(slices, rows, cols)``."""
+        chain = Compose(
+            [
+                RandBiasField(degree=3, coeff_range=(0.0, 0.12), prob=1.0),
+                RandAdjustContrast(prob=1.0, gamma=(0.8, 1.25)),
+                RandScaleIntensity(factors=(-0.25, 0.25), prob=1.0),
+                RandRicianNoise(prob=1.0, std=0.045, sample_std=True),
+            ]
         )
-        weight = weight * brain_mask
-        img = img * (1 - weight) + value * weight
+        chain.set_random_state(seed=self.seed)  # the same bias, contrast and scale in every series...
+        noise = chain.transforms[-1]
+        noise.set_random_state(seed=(self.seed + series_number) % 2**32)  # ...independent noise
+        return convert_to_tensor(chain(stack[None]), track_meta=False)[0]
 
-    img += rng.normal(0, 18.0, size=shape).astype(np.float32)
-    return np.clip(img, 0, 2000).astype(np.uint16)
+
+def _contrast_base(tissue: dict[str, torch.Tensor], contrast: str) -> torch.Tensor:
+    """Tissue signal with white matter = 1: T1 from the template itself, T2/FLAIR mixed from the tissue maps."""
+    if contrast == "t1":
+        return tissue["t1"]
+    gm, wm, csf, head = tissue["gm"], tissue["wm"], tissue["csf"], tissue["head"]
+    if contrast == "t2":
+        return 0.55 * wm + 0.8 * gm + 2.0 * csf + 0.8 * head * tissue["t1"]
+    return 0.6 * wm + 0.85 * gm + 0.12 * csf + 0.7 * head * tissue["t1"]  # FLAIR
+
+
+def render_series(
+    positions_lps: Sequence[Sequence[float]],
+    orientation: Sequence[float],
+    shape: tuple[int, int],
+    spacing: float,
+    *,
+    thickness: float,
+    contrast: str,
+    geometry: PatientGeometry,
+    lesion: Lesion | None,
+    template: Template | None = None,
+    slab: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise-free signal ``(slices, rows, cols)`` (white matter = 1) of the planes at ``positions_lps`` and their
+    lesion masks (``MASK_LABELS``), each slice the mean of two sub-planes across ``thickness`` (``slab=False``:
+    the centre plane alone, for the series the bundle never grades)."""
+    template = template or load_template()
+    offsets = (-thickness / 4, thickness / 4) if slab else (0.0,)
+    points = torch.stack([plane_points(p, orientation, shape, spacing, offsets) for p in positions_lps])
+    points = to_template(points, geometry, template)
+    source = points
+    parts = None
+    if lesion is not None:
+        near = (points - torch.from_numpy(lesion.centre.astype(np.float32))).norm(dim=-1) < lesion.reach
+        source = points.clone()
+        source[near] = lesion.displace(points[near])
+        parts = lesion.components(points[near])
+    tissue = sample_tissue(source, template, geometry.skull, maps=contrast != "t1")
+    signal = _contrast_base(tissue, contrast)
+    mask = torch.zeros(signal.shape[0], *signal.shape[2:], dtype=torch.uint8)
+    if parts is not None:
+        signal[near] = render(signal[near], lesion.kind, parts, contrast)
+        tumour, oedema = torch.zeros_like(signal), torch.zeros_like(signal)
+        tumour[near], oedema[near] = parts["tumour"], parts["oedema"]
+        mask[oedema.mean(1) >= 0.5] = MASK_LABELS["oedema"]
+        mask[tumour.mean(1) >= 0.5] = MASK_LABELS["tumour"]
+    return signal.mean(1), mask
 
 
 def _uid(seed: int, *parts: Any) -> str:
@@ -191,51 +258,88 @@ def _uid(seed: int, *parts: Any) -> str:
     return f"2.25.{int(digest[:32], 16)}"
 
 
+def _series_positions(
+    series: _Series, n: int, centre_ras: np.ndarray, shape: tuple[int, int], spacing: float
+) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """(ImagePositionPatient, ImageOrientationPatient) of each slice: planes centred on ``centre_ras``, stepped
+    along their normal. A 3-plane localizer holds one sagittal, one axial and one coronal slice."""
+    out = []
+    centre_lps = centre_ras * np.array([-1.0, -1.0, 1.0])
+    rows, cols = shape
+    for s in range(n):
+        orientation = (SAGITTAL, AXIAL, CORONAL)[s % 3] if series.localizer else series.orientation
+        row_dir, col_dir = np.array(orientation[:3]), np.array(orientation[3:])
+        step = 0.0 if series.localizer else (s - (n - 1) / 2) * series.spacing
+        corner = centre_lps + step * np.cross(row_dir, col_dir)
+        corner = corner - (cols - 1) / 2 * spacing * row_dir - (rows - 1) / 2 * spacing * col_dir
+        out.append((tuple(float(v) for v in corner), tuple(orientation)))
+    return out
+
+
+def _lesion_sites(template: Template, half_coverage: float) -> np.ndarray:
+    """White-matter sites a lesion may be centred at: 12-45 mm off the midline, inside the series' coverage."""
+    distance = np.abs(template.lesion_sites[:, 0])
+    inside = template.lesion_sites[(distance >= 12) & (distance <= min(45.0, half_coverage + 6.0))]
+    if len(inside):
+        return inside
+    return template.lesion_sites[distance <= np.min(distance) + 4.0]  # a short series: as near the midline as any
+
+
 def _write_patient(
-    dicom_dir: Path,
-    patient_id: str,
-    grade: str,
-    index: int,
+    root: Path,
+    patient: DemoPatient,
     *,
     slices_per_series: int,
     image_size: tuple[int, int],
     seed: int,
-) -> None:
-    rng = np.random.default_rng([seed, index])
-    study_uid = _uid(seed, patient_id, "study")
-    day, month, year = 1 + index % 28, 1 + index % 12, 1990 + index % 15
-    study_dir = dicom_dir / patient_id / f"{month:02d}-{day:02d}-{year}-MRI BRAIN-{int(rng.integers(10000, 99999))}"
-    base_radius = {"II": 0.07, "III": 0.13, "IV": 0.12}[grade] * min(image_size) * rng.uniform(0.85, 1.15)
-    centre = (float(rng.uniform(-0.35, 0.35)), float(rng.uniform(-0.4, 0.4)))
-    shape_phase = rng.uniform(0, 2 * np.pi, size=2)
+) -> dict:
+    """Write one patient's study (and SAG T1 masks); return its ``demo_info.json`` entry."""
+    template = load_template()
+    rng = np.random.default_rng([seed, patient.index])
+    geometry = random_geometry(rng)
+    half_coverage = (slices_per_series - 1) / 2 * _SERIES[_GRADED_SERIES - 1].spacing
+    lesion = draw_lesion(patient.lesion_kind, rng, _lesion_sites(template, half_coverage))
+    scanner = _Scanner(int(rng.integers(2**31)))
+    patient_from_template = np.linalg.inv(geometry.template_from_patient)
+    centre = patient_from_template[:3, :3] @ template.brain_centre + patient_from_template[:3, 3]
+    centre = centre + rng.uniform(-1, 1, size=3) * np.array([3.0, 5.0, 5.0])  # where the technician put the box
+    spacing = _FIELD_OF_VIEW_MM / max(image_size)
+    study_uid = _uid(seed, patient.patient_id, "study")
+    day, month, year = 1 + patient.index % 28, 1 + patient.index % 12, 1990 + patient.index % 15
+    study_dir = f"{month:02d}-{day:02d}-{year}-MRI BRAIN-{int(rng.integers(10000, 99999))}"
+    study_dir = root / "dicom" / patient.patient_id / study_dir
+    masks = []
     for series in _SERIES:
         n = series.n_slices or slices_per_series
-        series_uid = _uid(seed, patient_id, "series", series.number)
+        series_uid = _uid(seed, patient.patient_id, "series", series.number)
         series_dir = study_dir / f"{series.number}.000000-{series.description}-{int(rng.integers(10000, 99999))}"
-        for s in range(n):
-            # A 3-plane localizer holds one sagittal, one axial and one coronal slice.
-            orientation = (SAGITTAL, AXIAL, CORONAL)[s % 3] if series.localizer else series.orientation
-            plane = "sag" if orientation == SAGITTAL else "ax"
-            # Lesion profile across the series: full size in the middle, ~40 % at the outermost slices.
-            offset = (s - (n - 1) / 2) / max((n - 1) / 2, 1)
-            scale = 1.0 - 0.6 * offset**2
-            drift = (0.02 * offset, 0.03 * offset)
-            pixels = _slice_pixels(
+        planes = _series_positions(series, n, centre, image_size, spacing)
+        signal, mask = [], []
+        groups = [planes[i : i + 1] for i in range(n)] if series.localizer else [planes]  # one orientation each
+        for group in groups:
+            s, m = render_series(
+                [position for position, _ in group],
+                group[0][1],
                 image_size,
-                rng,
-                grade=grade,
+                spacing,
+                thickness=series.thickness,
                 contrast=series.contrast,
-                plane=plane,
-                lesion_scale=0.0 if series.localizer else scale,
-                lesion_centre=(centre[0] + drift[0], centre[1] + drift[1]),
-                lesion_radius=base_radius,
-                shape_phase=shape_phase,
+                geometry=geometry,
+                lesion=lesion,
+                template=template,
+                slab=series.number == _GRADED_SERIES,
             )
-            position = (-5.0 * (n - 1) / 2 + 5.0 * s, -120.0, 120.0) if plane == "sag" else (-120, -120, 5.0 * s)
+            signal.append(s)
+            mask.append(m)
+        masks_of_series = torch.cat(mask)
+        pixels = scanner.apply(torch.cat(signal), series.number) * _SIGNAL_GAIN
+        pixels = pixels.clamp(0, 4095).round().to(torch.int32).numpy().astype(np.uint16)
+        for s, (position, orientation) in enumerate(planes):
+            sop_uid = _uid(seed, patient.patient_id, series.number, s)
             path = write_mr_slice(
                 series_dir / f"1-{s + 1:02d}.dcm",
-                pixels,
-                patient_id=patient_id,
+                pixels[s],
+                patient_id=patient.patient_id,
                 study_uid=study_uid,
                 series_uid=series_uid,
                 series_number=series.number,
@@ -243,15 +347,41 @@ def _write_patient(
                 series_description=series.description,
                 orientation=orientation,
                 position=position,
-                pixel_spacing=(240.0 / image_size[0], 240.0 / image_size[1]),
+                pixel_spacing=(spacing, spacing),
+                slice_thickness=series.thickness,
                 repetition_time=series.tr,
                 echo_time=series.te,
                 image_type=LOCALIZER_IMAGE_TYPE if series.localizer else ("ORIGINAL", "PRIMARY", "M", "ND"),
-                sop_instance_uid=_uid(seed, patient_id, series.number, s),
+                sop_instance_uid=sop_uid,
                 patient_name="Demo^Synthetic",
             )
             if series.inversion_time is not None:
                 _set_inversion_time(path, series.inversion_time)
+            if series.number == _GRADED_SERIES:
+                mask_path = root / "masks" / patient.patient_id / f"{sop_uid}.png"
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(masks_of_series[s].numpy()).save(mask_path)
+                masks.append(
+                    {
+                        "patient_id": patient.patient_id,
+                        "sop_instance_uid": sop_uid,
+                        "image": path.relative_to(root).as_posix(),
+                        "mask": mask_path.relative_to(root).as_posix(),
+                        "tumour_pixels": int((masks_of_series[s] == MASK_LABELS["tumour"]).sum()),
+                        "oedema_pixels": int((masks_of_series[s] == MASK_LABELS["oedema"]).sum()),
+                    }
+                )
+    return {
+        "patient_id": patient.patient_id,
+        "grade": patient.grade,
+        "lesion_kind": patient.lesion_kind,
+        "mimic": patient.mimic,
+        "lesion_centre_template_mm": [round(float(v), 1) for v in lesion.centre],
+        "lesion_radius_mm": round(lesion.radius, 1),
+        "slices": slices_per_series,
+        "slices_with_lesion": sum(1 for m in masks if m["tumour_pixels"] + m["oedema_pixels"] > 0),
+        "masks": masks,
+    }
 
 
 def _set_inversion_time(path: Path, inversion_time: float) -> None:
@@ -264,46 +394,77 @@ def _set_inversion_time(path: Path, inversion_time: float) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def _write_info(root: Path, entries: list[dict], settings: dict) -> None:
+    graded = [e for e in entries if e["grade"] is not None]
+    grades, kinds = [e["grade"] for e in graded], [e["lesion_kind"] for e in graded]
+    rows = [m for e in entries for m in e.pop("masks")]
+    with open(root / "masks" / "masks.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    n_slices = sum(e["slices"] for e in graded)
+    info = {
+        "synthetic": True,
+        "warning": "SYNTHETIC images generated from a brain template; NOT patient data.",
+        "generator_version": GENERATOR_VERSION,
+        "settings": settings,
+        "template": TEMPLATE_CITATION,
+        "ceiling_accuracy_patient": round(ceiling_accuracy(grades, kinds), 4),
+        "ceiling_accuracy_slice": round(ceiling_accuracy(grades, kinds, [e["slices"] for e in graded]), 4),
+        "ceiling_rule": "answer, for each lesion kind, the grade most patients with that kind have",
+        "slices_with_lesion": round(sum(e["slices_with_lesion"] for e in graded) / n_slices, 4),
+        "mimics": sum(1 for e in graded if e["mimic"]),
+        "masks_csv": "masks/masks.csv",
+        "mask_labels": MASK_LABELS,
+        "patients": entries,
+    }
+    (root / INFO_NAME).write_text(json.dumps(info, indent=1))
+
+
 def generate_demo_dataset(
     root: str | Path,
     *,
     n_patients_per_grade: int = 12,
-    slices_per_series: int = 12,
-    image_size: tuple[int, int] = (160, 160),
+    slices_per_series: int = 20,
+    image_size: tuple[int, int] = (256, 256),
+    mimic_fraction: float = 0.1,
     seed: int = 0,
 ) -> dict[str, str]:
-    """Write the synthetic demo tree under ``root`` and return ``{"dicom_dir": ..., "grades_csv": ...}``.
+    """Write the synthetic demo tree under ``root``; return the paths ``dicom_dir``, ``grades_csv`` and ``info``.
 
-    Layout: ``<root>/dicom/DEMO-0001/<MM-DD-YYYY-MRI BRAIN-nnnnn>/<k.000000-SAG T1-nnnnn>/1-01.dcm`` and
-    ``<root>/grades.csv`` (``Sample,Grade``). Patients ``DEMO-0001..`` cycle through grades II, III, IV;
-    one extra patient with images is listed with grade "NA" and one CSV row has no images.
+    Patients ``DEMO-0001..`` cycle through grades II, III, IV; one more patient with images is listed with grade
+    "NA" and one CSV row has no images. ``image_size`` is (rows, columns) of every slice, over a 240 mm field
+    of view. See the module docstring for the layout and ``mimic_fraction``.
     """
     root = Path(root)
-    dicom_dir = root / "dicom"
     image_size = (int(image_size[0]), int(image_size[1]))
+    patients = demo_cohort(n_patients_per_grade, mimic_fraction, seed)
+    entries = [
+        _write_patient(root, p, slices_per_series=slices_per_series, image_size=image_size, seed=seed) for p in patients
+    ]
     rows = []
-    n_graded = n_patients_per_grade * len(DEMO_GRADES)
-    for i in range(n_graded):
-        grade = DEMO_GRADES[i % len(DEMO_GRADES)]
-        patient_id = f"DEMO-{i + 1:04d}"
-        notation = _NOTATIONS[grade][(i // len(DEMO_GRADES)) % 2]
-        _write_patient(
-            dicom_dir, patient_id, grade, i, slices_per_series=slices_per_series, image_size=image_size, seed=seed
-        )
-        rows.append((patient_id, notation))
-    ungraded = f"DEMO-{n_graded + 1:04d}"  # has images, grade unknown -> excluded and reported
-    _write_patient(
-        dicom_dir, ungraded, "II", n_graded, slices_per_series=slices_per_series, image_size=image_size, seed=seed
-    )
-    rows.append((ungraded, "NA"))
-    rows.append((f"DEMO-{n_graded + 2:04d}", "IV"))  # listed in the CSV, no images
-
+    for p in patients:
+        notation = "NA" if p.grade is None else _NOTATIONS[p.grade][(p.index // len(DEMO_GRADES)) % 2]
+        rows.append((p.patient_id, notation))
+    rows.append((f"DEMO-{len(patients) + 1:04d}", "IV"))  # listed in the CSV, no images
     grades_csv = root / "grades.csv"
     with open(grades_csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["Sample", "Grade"])
         writer.writerows(rows)
-    return {"dicom_dir": str(dicom_dir), "grades_csv": str(grades_csv)}
+    settings = {
+        "n_patients_per_grade": n_patients_per_grade,
+        "slices_per_series": slices_per_series,
+        "image_size": list(image_size),
+        "mimic_fraction": mimic_fraction,
+        "seed": seed,
+    }
+    _write_info(root, entries, settings)
+    return _paths(root)
+
+
+def _paths(root: Path) -> dict[str, str]:
+    return {"dicom_dir": str(root / "dicom"), "grades_csv": str(root / "grades.csv"), "info": str(root / INFO_NAME)}
 
 
 def default_cache_dir() -> Path:
@@ -332,10 +493,9 @@ def ensure_demo_dataset(cache_dir: str | Path | None = None, **generate_kwargs: 
         "generator_version": GENERATOR_VERSION,
         **{k: list(v) if isinstance(v, tuple) else v for k, v in sorted(generate_kwargs.items())},
     }
-    paths = {"dicom_dir": str(root / "dicom"), "grades_csv": str(root / "grades.csv")}
     if _marker_matches(root, settings):
         logger.warning(_SYNTHETIC_WARNING, root)
-        return paths
+        return _paths(root)
 
     logger.warning("Generating SYNTHETIC demo data (NOT patient data) into %s", root)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -355,4 +515,4 @@ def ensure_demo_dataset(cache_dir: str | Path | None = None, **generate_kwargs: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.warning(_SYNTHETIC_WARNING, root)
-    return paths
+    return _paths(root)

@@ -137,13 +137,17 @@ def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_backbone(
-    backbone: str, pretrained: bool = False, weights_path: str | Path | None = None
+    backbone: str, pretrained: bool = False, weights_path: str | Path | None = None, random_init: str = "kaiming"
 ) -> tuple[nn.Module, int]:
     """Build a torchvision ``backbone`` without its 1000-way layer; return ``(module, feature_width)``.
 
     With ``pretrained=True`` the ImageNet weights come from ``weights_path`` or the torch hub cache; if neither is
     available a warning is logged and the backbone keeps its random initialisation (nothing is downloaded).
+    A backbone that starts from random weights is initialised by ``random_init``: ``"kaiming"`` (default,
+    :func:`kaiming_init`) or ``"torchvision"`` (the library's own initialisation, as built).
     """
+    if random_init not in RANDOM_INITS:
+        raise ValueError(f"Unknown random_init {random_init!r}; choose one of {list(RANDOM_INITS)}.")
     if backbone not in BACKBONES:
         raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}.")
     spec = BACKBONES[backbone]
@@ -169,8 +173,32 @@ def build_backbone(
             state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
         model.load_state_dict(state)
         logger.info("Loaded ImageNet weights for %s from %s.", backbone, source)
+    elif random_init == "kaiming":
+        kaiming_init(model)
+    model.sdl_from_scratch = source is None  # read by SDLBranch / SDLNet to choose how the new layers start
     width = spec.strip(model)
     return model, width
+
+
+RANDOM_INITS = ("kaiming", "torchvision")
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """He et al.'s (2015) normal initialisation, ``fan_in`` mode for ReLU, of every convolution and linear layer.
+
+    A backbone trained from random weights needs it: torchvision builds AlexNet (and GoogLeNet) with
+    PyTorch's default ``kaiming_uniform_(a=sqrt(5))``, whose weight variance ``1 / (3 fan_in)`` is a sixth of
+    what keeps a ReLU layer's output variance equal to its input's. Through AlexNet's five convolutions and
+    two 4096-wide layers the signal shrinks about 500-fold in standard deviation: every image gives nearly
+    the same logits (std 0.005 measured at 128 px), the gradients reaching the convolutions are as small,
+    and training sits at chance for epochs before it finds a direction. Biases start at zero; normalisation
+    layers keep their own initialisation (weight 1, bias 0).
+    """
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 def _init_new_layers(module: nn.Module, bound: float = 0.05) -> None:
@@ -179,6 +207,24 @@ def _init_new_layers(module: nn.Module, bound: float = 0.05) -> None:
         if isinstance(layer, nn.Linear):
             nn.init.uniform_(layer.weight, -bound, bound)
             nn.init.zeros_(layer.bias)
+
+
+def zero_output_layer(module: nn.Module) -> None:
+    """Start the last ``Linear`` of ``module`` (a prediction layer or a synergic head) at zero.
+
+    Why, for branches trained from scratch: the features of a randomly initialised AlexNet are mostly common
+    to every image (measured on the demo data at 128 px with He initialisation: the logits' spread across
+    images is a tenth of their size, so about 90 % of each logit is the same offset for every slice). Through
+    Zhang's U(-0.05, 0.05) prediction layer that offset is a large, arbitrary preference for one class: the
+    first epoch's cross-entropy is 2.4 rather than ln 3 = 1.1, and the first updates are spent undoing it,
+    which sends every slice to one class and back. A zero prediction layer starts at exactly ln 3 with no
+    preference; its first gradient, ``(p - y) f^T`` over a class-balanced batch, cancels the common part of
+    ``f`` and follows what differs between the grades. (The "zero-init the last layer" of Goyal et al. 2017.)
+    Pretrained branches keep Zhang's initialisation, so ``paper.yaml`` is unchanged.
+    """
+    last = [layer for layer in module.modules() if isinstance(layer, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
 
 
 class SDLBranch(nn.Module):
@@ -195,13 +241,17 @@ class SDLBranch(nn.Module):
         dropout: float,
         pretrained: bool,
         weights_path: str | Path | None,
+        random_init: str = "kaiming",
     ) -> None:
         super().__init__()
-        self.backbone, width = build_backbone(backbone, pretrained, weights_path)
+        self.backbone, width = build_backbone(backbone, pretrained, weights_path, random_init)
         self.hidden = nn.Sequential(nn.Linear(width, hidden_size), nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, num_classes))
         _init_new_layers(self.hidden)
         _init_new_layers(self.classifier)
+        self.from_scratch = bool(self.backbone.sdl_from_scratch) and random_init == "kaiming"
+        if self.from_scratch:
+            zero_output_layer(self.classifier)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(logits [B, C], features [B, hidden])``."""
@@ -235,6 +285,8 @@ class SDLNet(nn.Module):
         weights_path: local torchvision state_dict for the backbone, used when ``pretrained`` is True.
         dropout: dropout before each branch's prediction layer.
         synergic_hidden: hidden width of each synergic head MLP; 0 means a single Linear(1).
+        random_init: how a backbone without ImageNet weights starts: ``"kaiming"`` (He initialisation, default;
+            see :func:`kaiming_init` for why) or ``"torchvision"`` (as the library builds it).
 
     ``googlenet`` branches can be traced but not scripted (torchvision's scripted GoogLeNet returns a namedtuple).
     """
@@ -251,6 +303,7 @@ class SDLNet(nn.Module):
         weights_path: str | Path | None = None,
         dropout: float = 0.5,
         synergic_hidden: int = 512,
+        random_init: str = "kaiming",
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -264,7 +317,7 @@ class SDLNet(nn.Module):
         self.fusion = fusion
         self.synergic_lambda = float(synergic_lambda)
         self.branches = nn.ModuleList(
-            SDLBranch(backbone, num_classes, hidden_size, dropout, pretrained, weights_path)
+            SDLBranch(backbone, num_classes, hidden_size, dropout, pretrained, weights_path, random_init)
             for _ in range(num_branches)
         )
         self.head_pairs = list(  # [(i, j)], one synergic head per branch pair
@@ -272,6 +325,9 @@ class SDLNet(nn.Module):
         )
         head_in = 2 * hidden_size if fusion == "concat" else hidden_size
         self.heads = nn.ModuleList(_synergic_head(head_in, synergic_hidden) for _ in self.head_pairs)
+        if all(branch.from_scratch for branch in self.branches):
+            for head in self.heads:  # the synergic logit starts at 0 (p = 0.5) for the same reason
+                zero_output_layer(head)
 
     def branch_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities of every branch for the same images: ``[B, N, C]``."""
