@@ -360,3 +360,15 @@ def test_demo_slices_run_through_preprocessing(small_demo):
     path = next(Path(small_demo["dicom_dir"]).glob("DEMO-0003/*/*SAG T1*/*.dcm"))
     image = preprocessing_transforms(image_size=32)({"image": str(path)})["image"]
     assert tuple(image.shape) == (3, 32, 32) and 0.0 <= float(image.min()) < float(image.max()) <= 1.0
+
+
+def test_demo_figure_outlines_each_grade(small_demo, tmp_path):
+    """The README's picture: a 3 x 2 grid of real slices with red (tumour) outlines drawn on them."""
+    from scripts.demo_figures import demo_slices_figure
+
+    root = Path(small_demo["dicom_dir"]).parent
+    out = demo_slices_figure(root, tmp_path / "figure.png")
+    picture = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 80) & (picture[..., 2] < 80)
+    assert picture.shape[0] > picture.shape[1]  # three rows of two
+    assert red.sum() > 20

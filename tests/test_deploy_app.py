@@ -92,7 +92,9 @@ def deployment(tmp_path_factory) -> dict:
     t1_files = _write_study(root / "study")
 
     torch.manual_seed(0)
-    net = SDLNet(backbone="resnet18", num_classes=3, hidden_size=16, pretrained=False).eval()
+    net = SDLNet(  # Zhang's output init: a zero output layer would make the mirror change nothing
+        backbone="resnet18", num_classes=3, hidden_size=16, pretrained=False, random_init="torchvision"
+    ).eval()
     with torch.no_grad():  # random init gives near-uniform probabilities; spread them so the test can tell
         for branch in net.branches:
             branch.classifier[1].weight.mul_(40.0)

@@ -42,7 +42,8 @@ def _pair_loader(batch: int = 4, size: int = 32) -> list[dict]:
 
 
 def test_pair_forward_runs_through_ddp_and_reaches_every_parameter(process_group):
-    net = SDLNet(backbone="resnet18", hidden_size=16, synergic_hidden=8)
+    # Zhang's output init: behind zero output layers the first backward gives the backbones zero gradients
+    net = SDLNet(backbone="resnet18", hidden_size=16, synergic_hidden=8, random_init="torchvision")
     ddp = DistributedDataParallel(SDLPairForward(net))
     reduced: set[int] = set()
 

@@ -101,7 +101,9 @@ def test_two_epochs_output_and_events():
     assert len(outputs) == 4
 
 
-def test_one_step_updates_both_branches_and_the_head():
+def test_first_steps_update_both_branches_and_the_head():
+    """The default from-scratch net starts with zero output layers: the first step moves only them (nothing
+    reaches the layers behind a zero weight), the second moves everything."""
     net = _net()
     tracked = {
         "branch_a": net.branches[0].backbone.features[0].weight,
@@ -110,6 +112,10 @@ def test_one_step_updates_both_branches_and_the_head():
         "head": net.heads[0][0].weight,
     }
     before = {k: v.detach().clone() for k, v in tracked.items()}
+    output = net.branches[0].classifier[1].weight
+    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1, decollate=False).run()
+    assert output.abs().sum() > 0
+    assert all(torch.equal(param, before[name]) for name, param in tracked.items())
     _trainer(net, _loader(length=4), lr=0.1, epoch_length=1, decollate=False).run()
     for name, param in tracked.items():
         assert not torch.equal(param, before[name]), name

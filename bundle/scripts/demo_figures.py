@@ -54,7 +54,7 @@ def demo_slices_figure(demo_root: str | Path, out_png: str | Path, offset: int =
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
 
