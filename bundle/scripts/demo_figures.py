@@ -18,6 +18,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from scripts.reports import new_figure, save_figure
+
 __all__ = ["demo_slices_figure"]
 
 
@@ -28,14 +30,9 @@ def _slices_of(root: Path, patient_id: str) -> list[dict]:
 
 def demo_slices_figure(demo_root: str | Path, out_png: str | Path, offset: int = 2) -> Path:
     """Write a 3 x 2 grid (grade II, III, IV; lesion slice, slice ``offset`` positions away) to ``out_png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     root = Path(demo_root)
     info = json.loads((root / "demo_info.json").read_text())
-    fig, axes = plt.subplots(3, 2, figsize=(6.4, 9.6))
+    fig, axes = new_figure(3, 2, figsize=(6.4, 9.6))
     for row, grade in zip(axes, ("II", "III", "IV"), strict=True):
         patient = next(p for p in info["patients"] if p["grade"] == grade and not p["mimic"])
         slices = _slices_of(root, patient["patient_id"])
@@ -52,11 +49,7 @@ def demo_slices_figure(demo_root: str | Path, out_png: str | Path, offset: int =
             ax.axis("off")
     fig.suptitle("SYNTHETIC demo data (ICBM 2009a anatomy): tumour red, oedema yellow", fontsize=9)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=80)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from scripts.experiments import LEVELS, METRIC_NAMES, format_metric, headline_metrics, plot_sweep
+from scripts.reports import new_figure, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +108,7 @@ def plot_training_curves(scalars: Mapping[str, list[tuple[int, float]]], title: 
     panels = [p for p in _PANELS if any(tag in scalars for tag, _ in (*p[1], *p[2]))]
     if not panels:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (panel_title, accuracy_tags, loss_tags) in zip(axes[0], panels, strict=True):
         for tag, label in accuracy_tags:
             if tag in scalars:
@@ -134,9 +130,7 @@ def plot_training_curves(scalars: Mapping[str, list[tuple[int, float]]], title: 
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def _comparison_table(evaluations: Mapping[str, Mapping], level: str) -> list[str]:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.reports import new_figure, save_figure
+
 logger = logging.getLogger(__name__)
 
 # Arguments of `monai.bundle run` that are not config overrides.
@@ -296,13 +298,8 @@ def sweep(
 
 def plot_sweep(summary: Mapping, path: str | Path) -> Path:
     """Test accuracy and macro AUC against the swept value (categorical axis, so ``none`` fits)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [_value_name(p["value"]) for p in summary["points"]]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    fig, axes = new_figure(1, 2, figsize=(9, 3.5), sharey=True)
     for ax, metric in zip(axes, ("accuracy", "auc"), strict=True):
         for level, marker in zip(LEVELS, ("o", "s"), strict=True):
             values = [p[level][metric] for p in summary["points"]]
@@ -314,11 +311,7 @@ def plot_sweep(summary: Mapping, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def compare_models(

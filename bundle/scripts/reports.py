@@ -71,15 +71,31 @@ def _average_by(rows: list[dict], key: str, class_names: Sequence[str]) -> list[
     return averaged
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str) -> Path:
-    """Save a labelled confusion matrix (true on rows, predicted on columns) as PNG."""
+def new_figure(*args: object, **kwargs: object) -> tuple:
+    """``plt.subplots`` on the file-only Agg backend, so figures render on headless CI and servers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG (creating its folder) and close it, so long runs leak no figures."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str) -> Path:
+    """Save a labelled confusion matrix (true on rows, predicted on columns) as PNG."""
     matrix = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(class_names), 3.5 + 0.4 * len(class_names)))
+    fig, ax = new_figure(figsize=(4 + 0.4 * len(class_names), 3.5 + 0.4 * len(class_names)))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(class_names)), labels=class_names)
     ax.set_yticks(range(len(class_names)), labels=class_names)
@@ -98,9 +114,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
                 color="white" if matrix[i, j] > threshold else "black",
             )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 class PredictionWriter:
