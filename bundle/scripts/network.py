@@ -33,6 +33,7 @@ import torchvision
 from torch import nn
 
 from scripts.flags import as_flag
+from scripts.pool_fold import fold_backbone_pooling
 
 __all__ = ["BACKBONES", "FUSIONS", "GradientScale", "SDLBranch", "SDLNet", "SDLPairForward", "scale_gradient"]
 
@@ -242,9 +243,13 @@ class SDLBranch(nn.Module):
         pretrained: bool,
         weights_path: str | Path | None,
         random_init: str = "kaiming",
+        fold_pooling: bool = False,
+        image_size: int = 128,
     ) -> None:
         super().__init__()
         self.backbone, width = build_backbone(backbone, pretrained, weights_path, random_init)
+        if as_flag(fold_pooling):  # after any ImageNet weights are loaded, so they are folded too
+            fold_backbone_pooling(self.backbone, int(image_size))
         self.hidden = nn.Sequential(nn.Linear(width, hidden_size), nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, num_classes))
         _init_new_layers(self.hidden)
@@ -287,6 +292,10 @@ class SDLNet(nn.Module):
         synergic_hidden: hidden width of each synergic head MLP; 0 means a single Linear(1).
         random_init: how a backbone without ImageNet weights starts: ``"kaiming"`` (He initialisation, default;
             see :func:`kaiming_init` for why) or ``"torchvision"`` (as the library builds it).
+        fold_pooling: fold a pooling that only replicates the last feature map (AlexNet's 6x6 pooling of the
+            3x3 map of a 128 px input) into the first fully connected layer (:mod:`scripts.pool_fold`): the same
+            function with a quarter of that layer's weights; the network then takes ``image_size`` px inputs only.
+        image_size: the (square) input size the fold is made for.
 
     ``googlenet`` branches can be traced but not scripted (torchvision's scripted GoogLeNet returns a namedtuple).
     """
@@ -304,6 +313,8 @@ class SDLNet(nn.Module):
         dropout: float = 0.5,
         synergic_hidden: int = 512,
         random_init: str = "kaiming",
+        fold_pooling: bool = False,
+        image_size: int = 128,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -317,7 +328,17 @@ class SDLNet(nn.Module):
         self.fusion = fusion
         self.synergic_lambda = float(synergic_lambda)
         self.branches = nn.ModuleList(
-            SDLBranch(backbone, num_classes, hidden_size, dropout, pretrained, weights_path, random_init)
+            SDLBranch(
+                backbone,
+                num_classes,
+                hidden_size,
+                dropout,
+                pretrained,
+                weights_path,
+                random_init,
+                fold_pooling,
+                image_size,
+            )
             for _ in range(num_branches)
         )
         self.head_pairs = list(  # [(i, j)], one synergic head per branch pair

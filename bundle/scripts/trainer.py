@@ -19,6 +19,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from scripts.network import SDLPairForward
+from scripts.pool_fold import check_optimizer
 
 __all__ = ["InverseTimeDecay", "SDLEvaluator", "SDLTrainer", "branch_letters", "paper_lr_scheduler"]
 
@@ -74,7 +75,8 @@ class SDLTrainer(SupervisedTrainer):
     dicts after ``MODEL_COMPLETED``: scalars are replicated and ``pred_a``/``label_a``... are padded with None past
     ``B`` samples; ``from_engine(["pred", "label"])`` still feeds Ignite metrics. Pass ``decollate=False`` to keep
     the batched dict. ``network`` is an ``SDLNet``, or for DistributedDataParallel ``DDP(SDLPairForward(net))``,
-    which the pair forward is called through (``DDP(SDLNet)`` is refused: it would bypass DDP). Extra args:
+    which the pair forward is called through (``DDP(SDLNet)`` is refused: it would bypass DDP). A network with folded
+    pooling (``scripts.pool_fold``) needs an optimizer built on ``parameter_groups``; another is refused. Extra args:
     ``synergic_loss`` (default ``BCEWithLogitsLoss``); ``loss_function`` is the per-branch classification loss
     (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True.
     """
@@ -138,6 +140,7 @@ class SDLTrainer(SupervisedTrainer):
             accumulation_steps=accumulation_steps,
         )
         self.synergic_loss = nn.BCEWithLogitsLoss() if synergic_loss is None else synergic_loss
+        check_optimizer(_sdl_net(network), optimizer)  # a folded network needs its learning-rate groups
 
     def _to_device(self, engine: SDLTrainer, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
