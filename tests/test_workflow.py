@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from scripts.workflow import BestModelSaver, latest_checkpoint, load_datalist, resolve_datalist
+from scripts.workflow import BestModelSaver, load_datalist, resolve_datalist
 
 
 def _engine(value: float, epoch: int) -> SimpleNamespace:
@@ -34,13 +34,6 @@ def test_best_model_saver_remembers_its_best_only_when_resuming(tmp_path):
     BestModelSaver(net, tmp_path, "val_acc")(_engine(0.8, 4))
     assert BestModelSaver(net, tmp_path, "val_acc", resume=True).best == 0.8
     assert BestModelSaver(net, tmp_path, "val_acc", resume=False).best == float("-inf")
-
-
-def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
-    for epoch in (2, 10, 9):
-        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
-    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
 
 
 def test_datalist_errors_name_the_file_and_the_problem(tmp_path):

@@ -18,6 +18,7 @@ from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from scripts.flags import as_flag
 from scripts.network import SDLPairForward
 from scripts.pool_fold import check_optimizer
 
@@ -29,6 +30,18 @@ def branch_letters(num_branches: int) -> list[str]:
     if not 1 <= num_branches <= len(string.ascii_lowercase):
         raise ValueError(f"num_branches must be in [1, 26], got {num_branches}.")
     return list(string.ascii_lowercase[:num_branches])
+
+
+def memory_format(network: nn.Module, channels_last: bool) -> torch.memory_format:
+    """Put ``network``'s 4-D weights in ``channels_last`` (NHWC) order when asked; return the format its inputs need.
+
+    Convolutions on CPU (oneDNN) and on CUDA tensor cores run faster on NHWC data; the weights are converted in
+    place, so the trainer and the evaluator that share the network agree, and state_dicts load either way.
+    """
+    if not as_flag(channels_last):
+        return torch.contiguous_format
+    network.to(memory_format=torch.channels_last)
+    return torch.channels_last
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -78,7 +91,8 @@ class SDLTrainer(SupervisedTrainer):
     which the pair forward is called through (``DDP(SDLNet)`` is refused: it would bypass DDP). A network with folded
     pooling (``scripts.pool_fold``) needs an optimizer built on ``parameter_groups``; another is refused. Extra args:
     ``synergic_loss`` (default ``BCEWithLogitsLoss``); ``loss_function`` is the per-branch classification loss
-    (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True.
+    (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True; ``channels_last`` puts the network's
+    weights and each batch in NHWC order (:func:`memory_format`).
     """
 
     def __init__(
@@ -110,6 +124,7 @@ class SDLTrainer(SupervisedTrainer):
         compile_kwargs: dict | None = None,
         accumulation_steps: int = 1,
         synergic_loss: Callable | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(
             device=device,
@@ -141,6 +156,7 @@ class SDLTrainer(SupervisedTrainer):
         )
         self.synergic_loss = nn.BCEWithLogitsLoss() if synergic_loss is None else synergic_loss
         check_optimizer(_sdl_net(network), optimizer)  # a folded network needs its learning-rate groups
+        self.memory_format = memory_format(network, channels_last)
 
     def _to_device(self, engine: SDLTrainer, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -211,6 +227,7 @@ class SDLTrainer(SupervisedTrainer):
         else:
             images = [batch[f"image_{c}"] for c in letters]
             labels = [batch[f"label_{c}"].long().view(-1) for c in letters]
+        images = [image.contiguous(memory_format=engine.memory_format) for image in images]
 
         zero_grad, step = self._accumulation_flags(engine)
         acc = engine.accumulation_steps
@@ -243,13 +260,15 @@ class SDLEvaluator(SupervisedEvaluator):
     ``branch_preds`` ``[B, N, C]`` and ``label`` when the batch has one. Same constructor as ``SupervisedEvaluator``,
     plus ``tta_flip``: when True the inferer is wrapped in :class:`scripts.tta.FlipTTAInferer`, so every branch's
     probabilities (and hence ``pred``) are the mean over the image and its left-right mirror. It lives here, not
-    in each config's ``inferer``, so validation, ``run evaluating`` and ``run inference`` switch it the same way.
+    in each config's ``inferer``, so validation, ``run evaluating`` and ``run inference`` switch it the same way;
+    and ``channels_last`` (:func:`memory_format`).
     """
 
-    def __init__(self, *args: Any, tta_flip: bool = False, **kwargs: Any) -> None:
-        from scripts.tta import FlipTTAInferer, as_flag
+    def __init__(self, *args: Any, tta_flip: bool = False, channels_last: bool = False, **kwargs: Any) -> None:
+        from scripts.tta import FlipTTAInferer
 
         super().__init__(*args, **kwargs)
+        self.memory_format = memory_format(self.network, channels_last)
         self.tta_flip = as_flag(tta_flip)  # `--tta_flip false` arrives as the string "false"
         if self.tta_flip:
             self.inferer = FlipTTAInferer(self.inferer)
@@ -258,7 +277,7 @@ class SDLEvaluator(SupervisedEvaluator):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0], batch[1]
+        inputs, targets = batch[0].contiguous(memory_format=engine.memory_format), batch[1]
         net = _sdl_net(engine.network)
         with engine.mode(engine.network):
             if engine.amp:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.checkpoints import atomic_save
 from scripts.flags import as_flag
 
 logger = logging.getLogger(__name__)
@@ -264,27 +264,9 @@ class BestModelSaver:
             return
         self.best = value
         network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        torch.save(network.state_dict(), partial)
-        partial.replace(self.path)
+        atomic_save(network.state_dict(), self.path)
         self.metric_path.write_text(json.dumps({self.metric_name: value, "epoch": engine.state.epoch}))
         logger.info("saved %s (%s %.4f)", self.path, self.metric_name, value)
-
-
-_EPOCH_IN_NAME = re.compile(r"epoch=(\d+)")
-
-
-def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> str | None:
-    """Path of the newest resumable checkpoint (``<prefix>*epoch=N.pt``) in ``ckpt_dir``, or None."""
-    candidates = []
-    for path in Path(ckpt_dir).glob(f"{prefix}*.pt"):
-        match = _EPOCH_IN_NAME.search(path.name)
-        if match:
-            candidates.append((int(match.group(1)), path))
-    if not candidates:
-        return None
-    return str(max(candidates)[1])
 
 
 def attach_handlers(engine: Engine, handlers: Sequence) -> Engine:
@@ -292,20 +274,3 @@ def attach_handlers(engine: Engine, handlers: Sequence) -> Engine:
     for handler in handlers:
         handler.attach(engine)
     return engine
-
-
-def resume_handlers(resume: bool, ckpt_dir: str, load_dict: Mapping[str, object], map_location=None) -> list:
-    """A `CheckpointLoader` for the last checkpoint when ``resume`` is set, else nothing.
-
-    Asking to resume with no checkpoint is an error, not a silent fresh start: a user who resumes expects
-    the weights, optimizer, scheduler and epoch counter of the run they stopped.
-    """
-    if not as_flag(resume):  # `--resume false` arrives as the string "false"
-        return []
-    from monai.handlers import CheckpointLoader
-
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
-        raise FileNotFoundError(f"--resume was set but {ckpt_dir} holds no checkpoint*epoch=N.pt to resume from")
-    logger.info("resuming from %s", path)
-    return [CheckpointLoader(load_path=path, load_dict=dict(load_dict), map_location=map_location)]
