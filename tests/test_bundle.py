@@ -169,3 +169,16 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_args):
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "no checkpoint" in result.stdout + result.stderr
+
+
+def test_three_branches_train_and_evaluate(tmp_path, data_args):
+    """SDL^3: N-tuples from the group sampler, three synergic heads, graded by the mean of three branches."""
+    args = [*data_args, *SMALL, "--num_branches", "3", "--hidden_size", "64", "--bundle_root", str(tmp_path)]
+    log = bundle_run("training", TRAIN, *args, "--epochs", "1")
+    assert "Epoch[1] Complete" in log
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert {k.split(".")[1] for k in state if k.startswith("branches.")} == {"0", "1", "2"}
+    assert {k.split(".")[1] for k in state if k.startswith("heads.")} == {"0", "1", "2"}
+    bundle_run("evaluating", EVALUATE, *args)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"ensemble", "branch1", "branch2", "branch3"} <= set(metrics["slice_level"])

@@ -1,4 +1,4 @@
-"""SDL pair sampling: same-grade share, re-drawing, reproducibility, usage, paper pairing, batching."""
+"""SDL group sampling: every head's same-grade share, re-drawing, reproducibility, usage, paper pairing, batching."""
 
 from __future__ import annotations
 
@@ -9,47 +9,77 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.data import Dataset
-from scripts.pairs import PairDataset, PairRedrawHandler, draw_balanced_pairs, paper_fixed_pairs
+from scripts.pairs import GroupDataset, GroupRedrawHandler, draw_balanced_groups, paper_fixed_pairs
 
 LABELS = [0] * 40 + [1] * 40 + [2] * 40
 
 
-def _same_share(pairs, labels):
-    return sum(labels[a] == labels[b] for a, b in pairs) / len(pairs)
+def _head_shares(groups, labels):
+    """Share of same-grade pairs seen by the head of every pair of positions (i, j)."""
+    size = len(groups[0])
+    return {
+        (i, j): sum(labels[g[i]] == labels[g[j]] for g in groups) / len(groups)
+        for i in range(size)
+        for j in range(i + 1, size)
+    }
 
 
+@pytest.mark.parametrize("group_size", [2, 3])
 @pytest.mark.parametrize("fraction", [0.5, 0.3, 1.0, 0.0])
-def test_same_fraction_exact(fraction):
-    pairs = draw_balanced_pairs(LABELS, same_fraction=fraction, rng=np.random.default_rng(0))
-    assert len(pairs) == len(LABELS) // 2
-    n_same = sum(LABELS[a] == LABELS[b] for a, b in pairs)
-    assert n_same == int(fraction * len(pairs) + 0.5)
-    assert all(a != b for a, b in pairs)
+def test_every_head_sees_exactly_the_same_fraction(fraction, group_size):
+    groups = draw_balanced_groups(LABELS, group_size=group_size, same_fraction=fraction, rng=np.random.default_rng(0))
+    assert len(groups) == len(LABELS)
+    n_same = int(fraction * len(groups) + 0.5)
+    assert set(_head_shares(groups, LABELS).values()) == {n_same / len(groups)}
+    assert all(len(set(g)) == group_size for g in groups)  # distinct images in a group
 
 
-def test_each_image_used_about_once():
+def test_more_branches_than_grades_keep_the_share_in_expectation():
+    """4 branches, 3 grades: a spread group repeats one grade, so the uniform share is lowered to compensate."""
+    groups = draw_balanced_groups(LABELS * 10, group_size=4, same_fraction=0.5, rng=np.random.default_rng(0))
+    shares = _head_shares(groups, LABELS * 10)
+    assert len(shares) == 6
+    assert all(abs(v - 0.5) < 0.03 for v in shares.values()), shares
+    assert np.mean(list(shares.values())) == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="at least 0.167"):
+        draw_balanced_groups(LABELS, group_size=4, same_fraction=0.1, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_each_image_used_about_once_per_branch(group_size):
     for seed in range(5):
-        pairs = draw_balanced_pairs(LABELS, rng=np.random.default_rng(seed))
-        counts = Counter(i for p in pairs for i in p)
-        assert max(counts.values()) <= 2
-        assert len(counts) >= 0.9 * len(LABELS)
+        groups = draw_balanced_groups(LABELS, group_size=group_size, rng=np.random.default_rng(seed))
+        for position in range(group_size):
+            counts = Counter(g[position] for g in groups)
+            assert max(counts.values()) <= 2
+            assert len(counts) >= 0.9 * len(LABELS)
+
+
+def test_groups_are_reproducible_from_the_seed():
+    draw = lambda seed: draw_balanced_groups(LABELS, group_size=3, rng=np.random.default_rng(seed))  # noqa: E731
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
 
 
 def test_unbalanced_and_singleton_classes():
     labels = [0] * 30 + [1] * 8 + [2]
-    pairs = draw_balanced_pairs(labels, same_fraction=0.5, num_pairs=40, rng=np.random.default_rng(1))
-    assert len(pairs) == 40
-    assert _same_share(pairs, labels) == 0.5
-    assert all(labels[a] != 2 or labels[b] != 2 for a, b in pairs)  # singleton never paired with itself
-    assert 2 in {labels[i] for p in pairs for i in p}
+    groups = draw_balanced_groups(labels, same_fraction=0.5, num_groups=40, rng=np.random.default_rng(1))
+    assert len(groups) == 40
+    assert _head_shares(groups, labels) == {(0, 1): 0.5}
+    assert all(labels[a] != 2 or labels[b] != 2 for a, b in groups)  # singleton never paired with itself
+    assert 2 in {labels[i] for g in groups for i in g}
 
 
 def test_errors():
     with pytest.raises(ValueError, match="at least 2 classes"):
-        draw_balanced_pairs([1, 1, 1, 1], same_fraction=0.5, rng=np.random.default_rng(0))
-    assert len(draw_balanced_pairs([1, 1, 1, 1], same_fraction=1.0, rng=np.random.default_rng(0))) == 2
+        draw_balanced_groups([1, 1, 1, 1], same_fraction=0.5, rng=np.random.default_rng(0))
+    assert len(draw_balanced_groups([1, 1, 1, 1], same_fraction=1.0, rng=np.random.default_rng(0))) == 4
     with pytest.raises(ValueError, match="same_fraction"):
-        draw_balanced_pairs(LABELS, same_fraction=1.5, rng=np.random.default_rng(0))
+        draw_balanced_groups(LABELS, same_fraction=1.5, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at least 2 branches"):
+        draw_balanced_groups(LABELS, group_size=1, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="two branches"):
+        GroupDataset(_Items(LABELS), LABELS, group_size=3, pairing="paper")
 
 
 def test_paper_pairing():
@@ -85,52 +115,48 @@ class _Items(torch.utils.data.Dataset):
         return {"image": image, "label": self.labels[i], "patient_id": f"P{i // 4:03d}"}
 
 
-def test_pair_dataset_redraws_and_reproducible():
-    ds = PairDataset(_Items(LABELS), LABELS, seed=5)
-    first = ds.pairs
+def test_group_dataset_redraws_and_reproducible():
+    ds = GroupDataset(_Items(LABELS), LABELS, seed=5)
+    first = ds.groups
     ds.set_epoch(1)
-    e1 = ds.pairs
+    e1 = ds.groups
     ds.set_epoch(2)
-    e2 = ds.pairs
+    e2 = ds.groups
     assert e1 != e2 and first != e1
-    assert len(ds) == len(e1) == len(e2) == len(LABELS) // 2
-    other = PairDataset(_Items(LABELS), LABELS, seed=5)
+    assert len(ds) == len(e1) == len(e2) == len(LABELS)
+    other = GroupDataset(_Items(LABELS), LABELS, seed=5)
     other.set_epoch(2)
-    assert other.pairs == e2
+    assert other.groups == e2
     other.set_epoch(1)
-    assert other.pairs == e1
-    assert PairDataset(_Items(LABELS), LABELS, seed=6).pairs != first
+    assert other.groups == e1
+    assert GroupDataset(_Items(LABELS), LABELS, seed=6).groups != first
 
 
-def test_pair_dataset_paper_never_changes():
-    ds = PairDataset(_Items(LABELS), LABELS, pairing="paper", seed=0)
-    before = ds.pairs
+def test_group_dataset_paper_never_changes():
+    ds = GroupDataset(_Items(LABELS), LABELS, pairing="paper", seed=0)
+    before = ds.groups
     ds.set_epoch(3)
-    assert ds.pairs == before
+    assert ds.groups == before
 
 
-def test_pair_item_and_dataloader_batch():
-    ds = PairDataset(_Items(LABELS), LABELS, same_fraction=0.5, seed=0)
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_group_item_and_dataloader_batch(group_size):
+    ds = GroupDataset(_Items(LABELS), LABELS, group_size=group_size, same_fraction=0.5, seed=0)
+    letters = "abc"[:group_size]
     item = ds[0]
-    a, b = ds.pairs[0]
-    assert float(item["image_a"][0, 0, 0]) == a and float(item["image_b"][0, 0, 0]) == b
-    assert item["label_a"].dtype == torch.long and item["label_a"].ndim == 0
-    assert item["synergic_label"].dtype == torch.float32
-    assert float(item["synergic_label"]) == float(LABELS[a] == LABELS[b])
-    assert item["patient_id_a"] == f"P{a // 4:03d}"
+    assert sorted(item) == sorted([f"image_{c}" for c in letters] + [f"label_{c}" for c in letters])
+    for letter, index in zip(letters, ds.groups[0], strict=True):
+        assert float(item[f"image_{letter}"][0, 0, 0]) == index
+        assert item[f"label_{letter}"].dtype == torch.long and int(item[f"label_{letter}"]) == LABELS[index]
 
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True)))
-    assert tuple(batch["image_a"].shape) == (8, 3, 16, 16)
-    assert tuple(batch["image_b"].shape) == (8, 3, 16, 16)
-    assert tuple(batch["label_a"].shape) == (8,) and batch["label_a"].dtype == torch.long
-    assert tuple(batch["label_b"].shape) == (8,)
-    assert tuple(batch["synergic_label"].shape) == (8,) and batch["synergic_label"].dtype == torch.float32
-    assert len(batch["patient_id_a"]) == 8
-    assert batch["synergic_label"].tolist() == (batch["label_a"] == batch["label_b"]).float().tolist()
+    for letter in letters:
+        assert tuple(batch[f"image_{letter}"].shape) == (8, 3, 16, 16)
+        assert tuple(batch[f"label_{letter}"].shape) == (8,) and batch[f"label_{letter}"].dtype == torch.long
 
 
 def test_distributed_sampler_and_workers_follow_epoch():
-    ds = PairDataset(_Items(LABELS), LABELS, seed=0)
+    ds = GroupDataset(_Items(LABELS), LABELS, seed=0)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=0, shuffle=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=1, persistent_workers=True)
     ids = []
@@ -138,7 +164,7 @@ def test_distributed_sampler_and_workers_follow_epoch():
         ds.set_epoch(epoch)
         batch = next(iter(loader))
         ids.append(batch["image_a"][:, 0, 0, 0].long().tolist())
-        expected = [ds.pairs[i][0] for i in list(sampler)[:4]]
+        expected = [ds.groups[i][0] for i in list(sampler)[:4]]
         assert ids[-1] == expected  # the persistent worker saw the new epoch's pairs
     assert ids[0] != ids[1]
 
@@ -147,20 +173,20 @@ def test_from_records_with_monai_dataset_and_handler():
     records = [
         {"image": np.full((4, 4), i, dtype=np.float32), "label": i % 2, "patient_id": f"P{i}"} for i in range(10)
     ]
-    ds = PairDataset.from_records(records, transform=None, cache=True, cache_rate=0.5, seed=1)
+    ds = GroupDataset.from_records(records, transform=None, cache=True, cache_rate=0.5, seed=1)
     assert isinstance(ds.base_dataset, Dataset)
     assert ds.labels == [r["label"] for r in records]
-    assert len(ds) == 5
+    assert len(ds) == 10
 
     seen = []
     engine = Engine(lambda e, b: None)
-    handler = PairRedrawHandler(ds)
+    handler = GroupRedrawHandler(ds)
     handler.attach(engine)
     handler.attach(engine)  # idempotent
 
     @engine.on(Events.EPOCH_STARTED)
     def record(_):
-        seen.append((engine.state.epoch, ds.epoch, ds.pairs))
+        seen.append((engine.state.epoch, ds.epoch, ds.groups))
 
     engine.run(range(2), max_epochs=3)
     assert [s[:2] for s in seen] == [(1, 1), (2, 2), (3, 3)]

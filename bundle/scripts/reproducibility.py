@@ -6,8 +6,8 @@ MONAI's ``worker_init_fn`` seeds each worker's random transforms), the rotation 
 process when there are no workers, and dropout all come from random generators whose state the checkpoint
 does not hold. Rather than save and restore each of them, :class:`EpochSeedHandler` re-seeds them all at the
 start of every epoch from ``(seed, epoch)``, as ``DistributedSampler.set_epoch`` does for its shuffle: the
-epoch's draws then depend on nothing that happened before it. (The pairs of an epoch are already drawn from
-``(seed, epoch)`` by ``scripts.pairs.PairDataset``.)
+epoch's draws then depend on nothing that happened before it. (The groups of an epoch are already drawn from
+``(seed, epoch)`` by ``scripts.pairs.GroupDataset``.)
 
 Ignite creates an epoch's DataLoader iterator after ``EPOCH_STARTED``, and that is where the sampler's order
 and the workers' seeds are drawn, so seeding at ``EPOCH_STARTED`` covers them. What still changes results

@@ -246,7 +246,7 @@ def training_overrides(
     """Turn MONAI Label's bundle overrides into ones that reach this bundle's records; changes ``overrides`` in place.
 
     ``BundleTrainTask`` sets ``train#dataset#data`` (and ``validate#dataset#data``) to its own image/label
-    lists. Here the training dataset is ``PairDataset.from_records(records=$@splits['train'])``, which has no
+    lists. Here the training dataset is ``GroupDataset.from_records(records=$@splits['train'])``, which has no
     ``data`` argument, and the validation set is a split of the same records. So both are dropped and
     ``records`` is set instead: the bundle then splits those records by patient, stratified by grade, as in
     ``run training``. ``val_split`` (MONAI Label's request option) becomes ``val_fraction``; ``test_fraction``

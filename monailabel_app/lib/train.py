@@ -3,7 +3,7 @@
 ``BundleTrainTask`` (MONAI Label 0.8.5) builds ``[{"image", "label": <label file>}]`` from the datastore, splits
 it per slice and overrides ``train#dataset#data``. None of that fits a classifier trained on pairs: the grade
 is a word, not a label file; slices of one patient must not straddle the split; and the bundle's training
-dataset is ``PairDataset.from_records(records=...)``, which has no ``data``. This subclass builds the bundle's
+dataset is ``GroupDataset.from_records(records=...)``, which has no ``data``. This subclass builds the bundle's
 own records (``grading.build_records``) and overrides ``records`` instead (``grading.training_overrides``), so
 ``run training`` runs as it does from the command line: patient-level split, pairs re-drawn every epoch,
 ``models/model.pt`` replaced by the best validation epoch.
