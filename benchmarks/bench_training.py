@@ -1,37 +1,52 @@
-"""Benchmark SDL training throughput (our MONAI pipeline vs a naive PyTorch loop) and inference throughput.
+"""Training and inference throughput of the SDL bundle against a naive paper-style PyTorch loop, in one run.
 
-What is measured, for the default model (AlexNet branches, 2 branches, hidden 1024, 128x128, 8 pairs per batch,
-SGD lr 1e-4 momentum 0.9 in both loops):
+TRAINING, both loops on the paper's batch: 8 pairs (16 slices) of 128 px, two AlexNet branches with 1024-wide
+features, a synergic head 2048 -> 512 -> 1, lambda 3, SGD lr 1e-4 momentum 0.9; AMP on CUDA only.
 
-1. OURS: generated demo DICOM tree -> ``build_datalist`` -> ``PairDataset.from_records`` with
-   ``training_transforms`` (``CacheDataset`` caches loading/scaling/resizing; only the random rotation runs per
-   step) -> MONAI ``DataLoader`` -> the real ``SDLTrainer`` (``trainer.run()``). Cache filling and the first
-   ``--warmup`` iterations (DataLoader worker start-up included) are excluded from timing; timing runs from the
-   end of the last warm-up iteration to the end of the last iteration (Ignite ``ITERATION_COMPLETED``).
-2. NAIVE: a plain PyTorch loop in this file: two torchvision AlexNets with the same replaced classifier
-   (4096 -> 1024 ReLU features -> dropout -> 3 logits), a synergic MLP head on the concatenated features, the
-   ``ce_a + ce_b + lambda * bce`` loss; every step decodes each DICOM with pydicom, converts, resizes with
-   ``torch.nn.functional.interpolate``, repeats to 3 channels and rotates (no caching, no workers).
-3. The ratio OURS/NAIVE; the loops run in ``--rounds`` interleaved rounds in ABBA order (ours, naive, naive,
-   ours, ...) so a machine whose load changes during the run affects both alike.
-4. Inference images/s (batch ``--infer-batch``, eval + ``torch.inference_mode``): one branch, and the full
-   ensemble ``forward``, each in contiguous and channels_last memory format.
-5. Peak memory: ``ru_maxrss`` of this process (and of DataLoader workers), ``torch.cuda.max_memory_allocated`` on
-   CUDA.
+* OURS is the bundle's own wiring: ``train.yaml`` + ``paper.yaml`` parsed by MONAI's ``ConfigParser`` with the
+  overrides ``datalist`` (JSON of a generated demo DICOM tree indexed by ``build_datalist``), ``pretrained:
+  false``, ``momentum: 0.9``, ``seed: 0``, ``epochs: 1``, a ``val_interval`` never reached, ``num_workers:
+  --workers`` (train.yaml: 2), ``bundle_root``/``ckpt_dir``/``log_dir`` in a temp folder, the dataset's
+  ``num_groups`` (pairs per epoch; ``num_pairs`` before GroupDataset) enough for the longest round, and
+  ``fold_pooling``/``channels_last`` (train.yaml: true; off with ``--no-fold``/``--no-channels-last``).
+  ``train#trainer`` runs as built, with every train.yaml handler and metric and MONAI's decollation of each
+  output. A step: DataLoader workers rotate cached slices (``CacheDataset`` loads, scales and resizes once, at
+  build time, untimed); ``SDLTrainer`` runs both branches and the head, steps SGD; the handlers run. A round is
+  one ``trainer.run()`` ended by ``engine.terminate()``, so no epoch completes: no validation, LR step or
+  checkpoint (``run training``'s resume checkpointer is not attached).
+* NAIVE, written plainly here: two torchvision AlexNets (unfolded, contiguous) whose 1000-way layer becomes
+  Linear(4096, 1024) + ReLU (the features f), then dropout + Linear(1024, 3); the head reads
+  ``scale_gradient(f, 3)`` of both branches; loss ``ce_a + ce_b + bce``. Every step draws 2 x 8 random slices,
+  decodes each DICOM with pydicom (min/max scaling, antialiased resize to 128 px, 3 channels) and rotates each
+  image by a random +-10 degrees (affine_grid/grid_sample); no cache, no workers.
 
-``--profile`` prints a time split per step (data / forward+loss / backward / optimizer / rest) for both loops
-and a torch.profiler table of the top operators of one OURS step. AMP (``torch.autocast``) is only used on CUDA.
-Measured on 2 loaded CPU cores: forward/backward/optimizer cost the same in both loops (same model, same batch),
-so the ratio is (naive decode + compute) / (cached batch + compute); channels_last *training* gave no gain there.
+Timed, after ``--warmup`` untimed iterations in the first round (later rounds: one for OURS' DataLoader start-up,
+none for NAIVE): OURS from the end of the last warm-up iteration to the end of the last one (Ignite
+``ITERATION_COMPLETED``, after its handlers), NAIVE from the start of the data step to ``loss.item()`` after
+``optimizer.step()``. OURS draws pairs from the training split, NAIVE slices from the whole datalist. ``--rounds``
+alternate in ABBA order (ours, naive, naive, ours, ...) so load drift hits both. Printed: pairs/s, ms/step and
+the ratio ours/naive (target >= 1.5x).
 
-    python benchmarks/bench_training.py [--iterations 32] [--warmup 3] [--rounds 4] [--device cpu]
-        [--threads 2] [--workers 2] [--fused-sgd] [--profile]
+ENGINE OVERHEAD over OURS' timed iterations: Ignite's ``BasicTimeProfiler`` splits an iteration into dataflow
+(getting the batch), processing (``_iteration``, including the handlers MONAI fires inside it, decollation at
+MODEL_COMPLETED among them) and event handlers (ITERATION_*/GET_BATCH_* events: metrics, TensorBoard, progress
+bar); the handlers' share of a step has the target <= 5 %. ``HandlersTimeProfiler`` times each handler.
+
+INFERENCE (unless ``--skip-inference``): ``inference.yaml``'s ``SDLEvaluator`` (folded unless ``--no-fold``; no
+checkpoint or writers; in-memory batches of ``--infer-batch`` random images, so no DICOM decoding) for one branch
+(``num_branches: 1``) and the 2-branch ensemble, contiguous and channels_last: images/s through
+``evaluator.run()`` and through the bare network. ``--profile`` adds a per-step split data / forward+loss /
+backward / optimizer / rest (OURS: decollation and handlers) for both loops, synchronising CUDA at each boundary.
+
+    python benchmarks/bench_training.py [--iterations 32] [--warmup 3] [--rounds 4] [--workers 2] [--threads N]
+        [--no-fold] [--no-channels-last] [--fused-sgd] [--device cuda] [--profile] [--skip-inference]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import inspect
+import json
 import math
 import os
 import random
@@ -40,8 +55,10 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
+from pydoc import locate
 
 import numpy as np
 import pydicom
@@ -50,25 +67,26 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+sys.path[:0] = [str(BUNDLE), str(Path(__file__).resolve().parent)]  # scripts.*, and engine_overhead beside this
+# holoscan (MONAI Deploy, when installed) warns about the stack size at `import monai`, as pyproject.toml notes
+warnings.filterwarnings("ignore", "Current stack size", RuntimeWarning)
 
+from engine_overhead import EngineOverhead  # noqa: E402
 from ignite.engine import Events  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import DataLoader  # noqa: E402
 from monai.engines.utils import IterationEvents  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 from scripts.demo_data import generate_demo_dataset  # noqa: E402
 from scripts.dicom_index import build_datalist  # noqa: E402
-from scripts.network import SDLNet  # noqa: E402
-from scripts.pairs import PairDataset  # noqa: E402
-from scripts.trainer import SDLTrainer  # noqa: E402
-from scripts.transforms import training_transforms  # noqa: E402
+from scripts.network import scale_gradient  # noqa: E402
 
-NUM_CLASSES = 3
-HIDDEN = 1024
-SYNERGIC_HIDDEN = 512
-SYNERGIC_LAMBDA = 3.0
-LR, MOMENTUM = 1e-4, 0.9
+CONFIGS = BUNDLE / "configs"
+LR, MOMENTUM, LAMBDA, HIDDEN, CLASSES = 1e-4, 0.9, 3.0, 1024, 3
 PHASES = ("data", "fwd+loss", "backward", "optimizer", "rest")
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx")
+NUM_GROUPS_KEYS = {"num_groups", "num_pairs"}
 
 
 def sync(device: torch.device) -> None:
@@ -76,141 +94,149 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_sgd(params, fused: bool) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **({"fused": True} if fused else {}))
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def maxrss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # KiB on Linux
+def machine(device: torch.device) -> str:
+    cpu: dict[str, str] = {}
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            cpu.setdefault(key.strip(), value.strip())
+    flags = cpu.get("flags", "").split()
+    have = {k: any(f == k or (k == "amx" and f.startswith("amx_")) for f in flags) for k in SPEED_FLAGS}
+    text = (
+        f"cpu: {cpu.get('model name', 'unknown')}, {os.cpu_count()} logical cpus; "
+        + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in have.items())
+        + f"; torch uses {torch.backends.cpu.get_cpu_capability()}\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+    )
+    return text + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+
+
+def demo_datalist(tmp: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
+    size = (args.dicom_size, args.dicom_size)
+    demo = generate_demo_dataset(
+        tmp / "demo", n_patients_per_grade=args.patients_per_grade, slices_per_series=args.slices, image_size=size
+    )
+    records, _ = build_datalist(demo["dicom_dir"], demo["grades_csv"], workers=1)
+    path = tmp / "datalist.json"
+    path.write_text(json.dumps(records, default=str))
+    return path, records
 
 
 # ----------------------------------------------------------------------------------------------------- OURS
 
 
-class OursRun:
-    """The real pipeline: cached PairDataset + MONAI DataLoader + SDLTrainer, on one network/optimizer."""
+class Ours:
+    """``train#trainer`` of train.yaml + paper.yaml, run a few iterations per round under Ignite's profilers."""
 
-    def __init__(self, records: list[dict], args: argparse.Namespace, device: torch.device) -> None:
-        self.args, self.device = args, device
-        total_iters = args.warmup + args.iterations + args.rounds  # + one warm-up iteration per later round
+    def __init__(self, args: argparse.Namespace, device: torch.device, datalist: Path, tmp: Path) -> None:
+        longest = args.warmup + math.ceil(args.iterations / args.rounds)
+        overrides = {
+            "datalist": str(datalist), "pretrained": False, "momentum": MOMENTUM, "seed": 0, "epochs": 1,
+            "val_interval": 10**9, "num_workers": args.workers, "bundle_root": str(tmp),
+            "ckpt_dir": str(tmp / "models"), "log_dir": str(tmp / "logs"), "output_dir": str(tmp / "eval"),
+            "device": device, "amp": device.type == "cuda", "batch_size": args.batch_pairs,
+            "image_size": args.image_size, "fold_pooling": not args.no_fold, "channels_last": not args.no_channels_last,
+        }  # fmt: skip
+        if args.fused_sgd:
+            overrides["optimizer#fused"] = True
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "paper.yaml")])
+        parser.update(overrides)
+        # groups (pairs) drawn per epoch, enough for the longest round: num_groups of GroupDataset, num_pairs of
+        # the older PairDataset
+        size_keys = inspect.signature(locate(parser["train#dataset#_target_"])).parameters.keys() & NUM_GROUPS_KEYS
+        parser[f"train#dataset#{size_keys.pop()}"] = args.batch_pairs * longest
+        set_determinism(seed=0)  # as `run training` does before it builds the trainer
         t0 = time.perf_counter()
-        self.dataset = PairDataset.from_records(
-            records,
-            training_transforms(image_size=args.image_size),
-            cache=True,
-            seed=0,
-            num_pairs=max(total_iters * args.batch_pairs, len(records) // 2),
-        )
-        self.cache_seconds = time.perf_counter() - t0
-        torch.manual_seed(0)
-        self.net = SDLNet(
-            "alexnet", NUM_CLASSES, 2, HIDDEN, synergic_lambda=SYNERGIC_LAMBDA, synergic_hidden=SYNERGIC_HIDDEN
-        ).to(device)
-        self.optimizer = make_sgd(self.net.parameters(), args.fused_sgd)
+        self.trainer = trainer = parser.get_parsed_content("train#trainer")
+        self.build_seconds = time.perf_counter() - t0
+        self.slices = len(parser.get_parsed_content("train#dataset").base_dataset)
+        self.overhead = EngineOverhead(trainer, exclude=("Ours.",))
+
+        # phase marks for --profile; on CUDA the step is always synchronised at MODEL_COMPLETED (before
+        # decollation), so that the profilers count its GPU work as processing, not as the next handler's time
+        self.device, self.marks, cuda = device, {}, device.type == "cuda"
+        for event, name, sync_now, first in (
+            (Events.GET_BATCH_STARTED, "get", False, True),
+            (Events.GET_BATCH_COMPLETED, "got", args.profile and cuda, False),
+            (IterationEvents.LOSS_COMPLETED, "loss", args.profile and cuda, False),
+            (IterationEvents.BACKWARD_COMPLETED, "bwd", args.profile and cuda, False),
+            (IterationEvents.MODEL_COMPLETED, "model", cuda, True),
+        ):
+            handlers = trainer._event_handlers[event]
+            handlers.insert(0 if first else len(handlers), (self._mark, (trainer, name, sync_now), {}))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        self.seconds, self.steps = 0.0, 0
         self.split: dict[str, float] = defaultdict(float)
-        self.timed_iters = 0
-        self.timed_seconds = 0.0
 
-    def run(self, iterations: int, warmup: int) -> None:
-        """One ``trainer.run()`` of ``warmup + iterations`` iterations; only the last ``iterations`` are timed."""
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.args.batch_pairs,
-            shuffle=True,
-            num_workers=self.args.workers,
-            drop_last=True,
-            pin_memory=self.device.type == "cuda",
-        )
-        trainer = SDLTrainer(
-            device=self.device,
-            max_epochs=1,
-            epoch_length=warmup + iterations,
-            train_data_loader=loader,
-            network=self.net,
-            optimizer=self.optimizer,
-            amp=self.device.type == "cuda",
-            non_blocking=self.device.type == "cuda",
-        )
-        stamps: list[float] = []
-        marks: dict[str, float] = {}
-        device, profile = self.device, self.args.profile
-        split = self.split
+    def _mark(self, engine, name: str, sync_now: bool) -> None:
+        if sync_now:
+            sync(self.device)
+        self.marks[name] = time.perf_counter()
 
-        def mark(name):
-            def _h(engine):
-                if profile:
-                    sync(device)
-                marks[name] = time.perf_counter()
+    def _iteration_completed(self, engine) -> None:
+        self.stamps.append(now := time.perf_counter())
+        it = engine.state.iteration
+        if it == self.warm:
+            self.overhead.start()
+        if it > self.warm:
+            m, bounds = {**self.marks, "end": now}, ("get", "got", "loss", "bwd", "model", "end")
+            for k, a, b in zip(PHASES, bounds[:-1], bounds[1:], strict=True):
+                self.split[k] += m[b] - m[a]
+        if it == self.warm + self.iters:
+            self.overhead.stop()
+            engine.terminate()
 
-            return _h
-
-        def iteration_done(engine):
-            sync(device)
-            now = time.perf_counter()
-            stamps.append(now)
-            if engine.state.iteration > warmup and profile:
-                split["data"] += marks["got"] - marks["get"]
-                split["fwd+loss"] += marks["loss"] - marks["got"]
-                split["backward"] += marks["bwd"] - marks["loss"]
-                split["optimizer"] += marks["model"] - marks["bwd"]
-                split["rest"] += now - marks["model"]
-
-        trainer.add_event_handler(Events.GET_BATCH_STARTED, mark("get"))
-        trainer.add_event_handler(Events.GET_BATCH_COMPLETED, mark("got"))
-        trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, mark("loss"))
-        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, mark("bwd"))
-        trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, mark("model"))
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, iteration_done)
-        trainer.run()
-        if len(stamps) != warmup + iterations:
-            raise RuntimeError(f"trainer ran {len(stamps)} iterations, expected {warmup + iterations}")
-        self.timed_seconds += stamps[-1] - stamps[warmup - 1]
-        self.timed_iters += iterations
-        self.loss = (
-            float(trainer.state.output["loss"])
-            if isinstance(trainer.state.output, dict)
-            else float(trainer.state.output[0]["loss"])
-        )
+    def run(self, iters: int, warm: int) -> None:
+        self.iters, self.warm, self.stamps = iters, warm, []
+        self.trainer.run()
+        if len(self.stamps) != warm + iters:
+            raise RuntimeError(f"trainer ran {len(self.stamps)} iterations, expected {warm + iters}")
+        self.seconds += self.stamps[-1] - self.stamps[warm - 1]
+        self.steps += iters
+        self.overhead.collect(warm, iters)
+        self.loss = float(self.trainer.state.output[0]["loss"])
 
 
 # ---------------------------------------------------------------------------------------------------- NAIVE
 
 
 class NaiveSDL(nn.Module):
-    """Two plain torchvision AlexNets with the SDLNet classifier shape and a synergic head on concatenated features."""
+    """Two plain torchvision AlexNets with the SDL classifier shape, and a synergic head on their features."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbones = nn.ModuleList()
-        self.fcs = nn.ModuleList()
+        self.backbones, self.classifiers = nn.ModuleList(), nn.ModuleList()
         for _ in range(2):
-            m = torchvision.models.alexnet(weights=None)
-            m.classifier[-1] = nn.Sequential(nn.Linear(4096, HIDDEN), nn.ReLU(inplace=True))  # features
-            self.backbones.append(m)
-            self.fcs.append(nn.Sequential(nn.Dropout(0.5), nn.Linear(HIDDEN, NUM_CLASSES)))
-        self.head = nn.Sequential(
-            nn.Linear(2 * HIDDEN, SYNERGIC_HIDDEN), nn.ReLU(inplace=True), nn.Linear(SYNERGIC_HIDDEN, 1)
-        )
+            alexnet = torchvision.models.alexnet(weights=None)
+            alexnet.classifier[-1] = nn.Sequential(nn.Linear(4096, HIDDEN), nn.ReLU(inplace=True))  # features f
+            self.backbones.append(alexnet)
+            self.classifiers.append(nn.Sequential(nn.Dropout(0.5), nn.Linear(HIDDEN, CLASSES)))
+        self.head = nn.Sequential(nn.Linear(2 * HIDDEN, 512), nn.ReLU(inplace=True), nn.Linear(512, 1))
 
     def forward(self, xa: torch.Tensor, xb: torch.Tensor):
         fa, fb = self.backbones[0](xa), self.backbones[1](xb)
-        return self.fcs[0](fa), self.fcs[1](fb), self.head(torch.cat([fa, fb], 1)).squeeze(1)
+        # the branches get lambda x the synergic gradient, the head the plain one
+        fused = torch.cat([scale_gradient(fa, LAMBDA), scale_gradient(fb, LAMBDA)], 1)
+        return self.classifiers[0](fa), self.classifiers[1](fb), self.head(fused).squeeze(1)
 
 
 def naive_load(path: str, size: int) -> torch.Tensor:
-    """pydicom decode -> float -> min/max to 0..1 -> bilinear resize -> 3 channels, every call (no cache)."""
+    """pydicom decode -> float -> min/max to 0..1 -> antialiased bilinear resize -> 3 channels, every call."""
     ds = pydicom.dcmread(path)
-    img = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
-        getattr(ds, "RescaleIntercept", 0)
-    )
-    t = torch.from_numpy(img)
+    slope, intercept = float(getattr(ds, "RescaleSlope", 1)), float(getattr(ds, "RescaleIntercept", 0))
+    t = torch.from_numpy(ds.pixel_array.astype(np.float32) * slope + intercept)
     t = (t - t.min()) / (t.max() - t.min() + 1e-8)
     t = F.interpolate(t[None, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return t.repeat(3, 1, 1)
 
 
 def naive_rotate(batch: torch.Tensor, max_degrees: float = 10.0) -> torch.Tensor:
-    """Random rotation in +-max_degrees per image (affine_grid + grid_sample, border padding)."""
+    """Rotate each image by a random angle in +-max_degrees (affine_grid + grid_sample, border padding)."""
     angles = (torch.rand(batch.shape[0]) * 2 - 1) * math.radians(max_degrees)
     cos, sin = torch.cos(angles), torch.sin(angles)
     theta = torch.zeros(batch.shape[0], 2, 3)
@@ -219,7 +245,7 @@ def naive_rotate(batch: torch.Tensor, max_degrees: float = 10.0) -> torch.Tensor
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class NaiveRun:
+class Naive:
     def __init__(self, records: list[dict], args: argparse.Namespace, device: torch.device) -> None:
         self.args, self.device = args, device
         self.paths = [r["image"] for r in records]
@@ -227,106 +253,96 @@ class NaiveRun:
         self.rng = random.Random(0)
         torch.manual_seed(0)
         self.net = NaiveSDL().to(device)
-        self.optimizer = make_sgd(self.net.parameters(), args.fused_sgd)
+        fused = {"fused": True} if args.fused_sgd else {}
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM, **fused)
         self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+        self.seconds, self.steps = 0.0, 0
         self.split: dict[str, float] = defaultdict(float)
-        self.timed_iters = 0
-        self.timed_seconds = 0.0
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = [self.rng.randrange(len(self.paths)) for _ in range(self.args.batch_pairs)]
+        images = naive_rotate(torch.stack([naive_load(self.paths[i], self.args.image_size) for i in idx]))
+        return images.to(self.device), torch.tensor([self.labels[i] for i in idx], device=self.device)
 
     def step(self, timed: bool) -> None:
-        dev, profile, split = self.device, self.args.profile, self.split
-        t0 = time.perf_counter()
-        n = len(self.paths)
-        idx_a = [self.rng.randrange(n) for _ in range(self.args.batch_pairs)]
-        idx_b = [self.rng.randrange(n) for _ in range(self.args.batch_pairs)]
-        xa = naive_rotate(torch.stack([naive_load(self.paths[i], self.args.image_size) for i in idx_a]))
-        xb = naive_rotate(torch.stack([naive_load(self.paths[i], self.args.image_size) for i in idx_b]))
-        ya = torch.tensor([self.labels[i] for i in idx_a])
-        yb = torch.tensor([self.labels[i] for i in idx_b])
-        xa, xb, ya, yb = (t.to(dev, non_blocking=True) for t in (xa, xb, ya, yb))
-        if profile:
-            sync(dev)
-        t1 = time.perf_counter()
+        dev, stamps = self.device, [time.perf_counter()]
+
+        def lap() -> None:
+            if self.args.profile:
+                sync(dev)
+            stamps.append(time.perf_counter())
+
+        (xa, ya), (xb, yb) = self.batch(), self.batch()
+        lap()
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, enabled=dev.type == "cuda"):
             la, lb, ls = self.net(xa, xb)
-            loss = (
-                F.cross_entropy(la, ya)
-                + F.cross_entropy(lb, yb)
-                + SYNERGIC_LAMBDA * F.binary_cross_entropy_with_logits(ls, (ya == yb).to(ls.dtype))
-            )
-        if profile:
-            sync(dev)
-        t2 = time.perf_counter()
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if profile:
-            sync(dev)
-        t3 = time.perf_counter()
-        if self.scaler is not None:
+            same = (ya == yb).to(ls.dtype)
+            loss = F.cross_entropy(la, ya) + F.cross_entropy(lb, yb) + F.binary_cross_entropy_with_logits(ls, same)
+        lap()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        lap()
+        if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.loss = loss.item()  # also synchronises
         sync(dev)
-        t4 = time.perf_counter()
+        stamps += [time.perf_counter()] * 2  # "rest" is empty
         if timed:
-            self.timed_seconds += t4 - t0
-            self.timed_iters += 1
-            if profile:
-                for k, v in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, 0.0), strict=True):
-                    split[k] += v
+            self.seconds += stamps[-1] - stamps[0]
+            self.steps += 1
+            for k, a, b in zip(PHASES, stamps[:-1], stamps[1:], strict=True):
+                self.split[k] += b - a
 
-    def run(self, iterations: int, warmup: int) -> None:
-        for _ in range(warmup):
-            self.step(timed=False)
-        for _ in range(iterations):
-            self.step(timed=True)
+    def run(self, iters: int, warm: int) -> None:
+        for i in range(warm + iters):
+            self.step(timed=i >= warm)
 
 
 # ----------------------------------------------------------------------------------------------- inference
 
 
-def bench_inference(args: argparse.Namespace, device: torch.device) -> list[tuple[str, float]]:
-    torch.manual_seed(0)
-    base = SDLNet("alexnet", NUM_CLASSES, 2, HIDDEN, synergic_hidden=SYNERGIC_HIDDEN).to(device).eval()
-    x0 = torch.randn(args.infer_batch, 3, args.image_size, args.image_size, device=device)
-    results = []
-    for channels_last in (False, True):
-        net = copy.deepcopy(base)
-        x = x0
-        if channels_last:
-            net = net.to(memory_format=torch.channels_last)
-            x = x0.contiguous(memory_format=torch.channels_last)
-        faces = {"single branch": lambda t, n=net: n.branches[0](t)[0], "ensemble forward": net}
-        for name, fn in faces.items():
-            with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-                for _ in range(args.infer_warmup):
-                    fn(x)
+def bench_inference(args: argparse.Namespace, device: torch.device, tmp: Path) -> list[tuple[str, float, float]]:
+    """(label, bare network images/s, evaluator images/s) for 1 and 2 branches, contiguous and channels_last."""
+    cuda, size, warm, iters = device.type == "cuda", args.image_size, args.infer_warmup, args.infer_iters
+    images = torch.rand(args.infer_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    items = [{"image": image} for image in images] * (warm + iters)  # the same batch, warm + iters times
+    rows = []
+    for branches in (1, 2):
+        for channels_last in (False, True):
+            parser = ConfigParser()
+            parser.read_config(str(CONFIGS / "inference.yaml"))
+            parser.update({
+                "device": device, "amp": cuda, "channels_last": channels_last, "num_branches": branches,
+                "fold_pooling": not args.no_fold, "image_size": size, "output_dir": str(tmp / "inference"),
+                "handlers": [],  # no checkpoint to load, no prediction files to write
+                "dataloader": DataLoader(items, batch_size=args.infer_batch, shuffle=False, num_workers=0),
+            })  # fmt: skip
+            set_determinism(seed=0)
+            evaluator = parser.get_parsed_content("evaluator")
+            stamps: list[float] = []
+            evaluator.add_event_handler(
+                Events.ITERATION_COMPLETED, lambda _, s=stamps: (sync(device), s.append(time.perf_counter()))
+            )
+            evaluator.run()
+            engine_ips = iters * args.infer_batch / (stamps[-1] - stamps[warm - 1])
+
+            net, x = evaluator.network, images.to(device).contiguous(memory_format=evaluator.memory_format)
+            with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
+                for i in range(warm + iters):
+                    if i == warm:
+                        sync(device)
+                        t0 = time.perf_counter()
+                    net.branch_probabilities(x)
                 sync(device)
-                t0 = time.perf_counter()
-                for _ in range(args.infer_iters):
-                    fn(x)
-                sync(device)
-                dt = time.perf_counter() - t0
-            label = f"{name} ({'channels_last' if channels_last else 'contiguous'})"
-            results.append((label, args.infer_iters * args.infer_batch / dt))
-    return results
-
-
-def profile_ours_step(ours: OursRun) -> str:
-    """torch.profiler table of one OURS training step (pairs from the cached dataset, real trainer step)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ours.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        ours.run(iterations=1, warmup=1)
-    key = "self_cuda_time_total" if ours.device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=15)
+            bare_ips = iters * args.infer_batch / (time.perf_counter() - t0)
+            name = "one branch" if branches == 1 else "SDL ensemble (2 branches)"
+            rows.append((f"{name}, {'channels_last' if channels_last else 'contiguous'}", bare_ips, engine_ips))
+            del evaluator, net, parser
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -334,132 +350,100 @@ def profile_ours_step(ours: OursRun) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=32, help="timed training iterations per loop (all rounds)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations before timing")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds ours/naive (iterations split evenly)")
+    for flag, default, text in (
+        ("--iterations", 32, "timed training iterations per loop (all rounds)"),
+        ("--warmup", 3, "untimed iterations before timing (first round)"),
+        ("--rounds", 4, "interleaved rounds ours/naive (iterations split evenly)"),
+        ("--workers", 2, "num_workers of OURS' DataLoader (train.yaml: 2)"),
+        ("--threads", 0, "torch.set_num_threads (0: torch's choice)"),
+        ("--batch-pairs", 8, "pairs per batch"),
+        ("--image-size", 128, "network input, px"),
+        ("--patients-per-grade", 6, "demo data"),
+        ("--slices", 12, "demo data: slices per series"),
+        ("--dicom-size", 160, "demo data: px of the DICOM slices"),
+        ("--infer-batch", 32, "inference batch"),
+        ("--infer-iters", 10, "timed inference batches"),
+        ("--infer-warmup", 3, "untimed inference batches"),
+        ("--top-handlers", 12, "handlers listed"),
+    ):
+        p.add_argument(flag, type=int, default=default, help=text)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of OURS (train.yaml uses 2)")
-    p.add_argument("--batch-pairs", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--patients-per-grade", type=int, default=6)
-    p.add_argument("--slices", type=int, default=12)
-    p.add_argument("--dicom-size", type=int, default=160)
+    p.add_argument("--no-fold", action="store_true", help="fold_pooling: false (OURS and inference)")
+    p.add_argument("--no-channels-last", action="store_true", help="channels_last: false for OURS")
     p.add_argument("--fused-sgd", action="store_true", help="SGD(fused=True) in BOTH loops")
-    p.add_argument("--infer-batch", type=int, default=32)
-    p.add_argument("--infer-iters", type=int, default=10)
-    p.add_argument("--infer-warmup", type=int, default=3)
     p.add_argument("--skip-inference", action="store_true")
-    p.add_argument("--profile", action="store_true", help="print the per-phase time split and a profiler table")
+    p.add_argument("--profile", action="store_true", help="print a per-phase time split of both loops")
     args = p.parse_args(argv)
-    if args.iterations < args.rounds or args.warmup < 1:
-        p.error("need --iterations >= --rounds and --warmup >= 1")
+    if args.iterations < args.rounds or args.warmup < 1 or args.infer_warmup < 1:
+        p.error("need --iterations >= --rounds, --warmup >= 1 and --infer-warmup >= 1")
 
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    set_determinism(0)
-    load = os.getloadavg()
-    print(
-        f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
-        f"cpus {os.cpu_count()}, load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
-    print(
-        f"model alexnet x2, hidden {HIDDEN}, {args.image_size}x{args.image_size}, batch {args.batch_pairs} pairs, "
-        f"SGD lr {LR} momentum {MOMENTUM}{' fused' if args.fused_sgd else ''}, AMP {device.type == 'cuda'}, "
-        f"ours: {args.workers} DataLoader workers"
-    )
-
+    print(machine(device))
+    print(f"load average at start: {load()}")
     tmp = Path(tempfile.mkdtemp(prefix="sdl_bench_"))
     try:
         t0 = time.perf_counter()
-        demo = generate_demo_dataset(
-            tmp, n_patients_per_grade=args.patients_per_grade, slices_per_series=args.slices,
-            image_size=(args.dicom_size, args.dicom_size), seed=0,
-        )  # fmt: skip
-        records, _ = build_datalist(demo["dicom_dir"], demo["grades_csv"], workers=1)
+        datalist, records = demo_datalist(tmp, args)
+        seconds = time.perf_counter() - t0
+        print(f"demo data: {len(records)} slices of {args.dicom_size} px, generated and indexed in {seconds:.1f} s")
+        ours = Ours(args, device, datalist, tmp)
+        naive = Naive(records, args, device)
         print(
-            f"demo data: {len(records)} slices ({args.dicom_size}x{args.dicom_size}) generated+indexed in "
-            f"{time.perf_counter() - t0:.1f} s"
+            f"ours: train#trainer of train.yaml + paper.yaml built in {ours.build_seconds:.1f} s (caches {ours.slices} "
+            f"training slices), fold_pooling {not args.no_fold}, channels_last {not args.no_channels_last}, "
+            f"{args.workers} DataLoader workers; naive: unfolded, contiguous, no workers; both: {args.batch_pairs} "
+            f"pairs, {args.image_size} px, SGD lr {LR} momentum {MOMENTUM}{' fused' * args.fused_sgd}, AMP {cuda}"
         )
-
-        ours = OursRun(records, args, device)
-        naive = NaiveRun(records, args, device)
-        print(f"CacheDataset filled in {ours.cache_seconds:.1f} s (not timed)")
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
 
         per_round = [args.iterations // args.rounds + (r < args.iterations % args.rounds) for r in range(args.rounds)]
         for r, iters in enumerate(per_round):
-            # later rounds: one untimed iteration absorbs DataLoader start-up / cache effects of the other loop
-            warm = args.warmup if r == 0 else 1
-            # ABBA order (ours, naive, naive, ours, ...) so a load that drifts during the run hits both loops alike
             for loop in (ours, naive) if r % 2 == 0 else (naive, ours):
-                loop.run(iters, warm if loop is ours or r == 0 else 0)
-            print(
-                f"  round {r + 1}: ours {ours.timed_iters} it, naive {naive.timed_iters} it done "
-                f"(load {os.getloadavg()[0]:.2f})"
-            )
+                # ours: one untimed iteration per later round for the DataLoader workers' start-up
+                loop.run(iters, args.warmup if r == 0 else (1 if loop is ours else 0))
+            print(f"  round {r + 1}: {ours.steps} + {naive.steps} timed steps done (load {load()})")
 
-        ours_pps = ours.timed_iters * args.batch_pairs / ours.timed_seconds
-        naive_pps = naive.timed_iters * args.batch_pairs / naive.timed_seconds
-        print()
-        print(f"TRAINING (data pipeline included, {args.iterations} timed iterations each, {args.rounds} rounds)")
-        print(
-            f"  ours  (cache + DataLoader + SDLTrainer): {ours_pps:7.2f} pairs/s "
-            f"({1000 * ours.timed_seconds / ours.timed_iters:.0f} ms/step)"
-        )
-        print(
-            f"  naive (pydicom every step, plain loop) : {naive_pps:7.2f} pairs/s "
-            f"({1000 * naive.timed_seconds / naive.timed_iters:.0f} ms/step)"
-        )
-        print(f"  ratio ours/naive: {ours_pps / naive_pps:.2f}x (target 1.5x)")
+        print(f"\nTRAINING ({args.iterations} timed steps per loop in {args.rounds} ABBA rounds)")
+        pps = {}
+        for name, loop in (("ours ", ours), ("naive", naive)):
+            pps[name] = loop.steps * args.batch_pairs / loop.seconds
+            ms = 1000 * loop.seconds / loop.steps
+            print(f"  {name}: {pps[name]:7.2f} pairs/s ({ms:7.1f} ms/step, last loss {loop.loss:.3f})")
+        print(f"  ratio ours/naive: {pps['ours '] / pps['naive']:.2f}x (target >= 1.5x)")
+        print("\nENGINE OVERHEAD of ours (Ignite BasicTimeProfiler, mean per timed iteration)")
+        print("\n".join(ours.overhead.report(args.top_handlers)))
         if args.profile:
-            print()
-            print("TIME SPLIT per step, ms (data = batch fetch/decode incl. host->device)")
+            print("\nTIME SPLIT per step, ms (ours: data = DataLoader fetch; rest = decollation + handlers)")
             print(f"  {'loop':6s} " + " ".join(f"{k:>10s}" for k in PHASES) + f" {'total':>8s}")
-            for name, run in (("ours", ours), ("naive", naive)):
-                vals = [1000 * run.split[k] / run.timed_iters for k in PHASES]
+            for name, loop in (("ours", ours), ("naive", naive)):
+                vals = [1000 * loop.split[k] / loop.steps for k in PHASES]
                 print(f"  {name:6s} " + " ".join(f"{v:10.1f}" for v in vals) + f" {sum(vals):8.1f}")
-        train_rss = maxrss_mb()
-        cuda_train = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-        if args.profile:
-            print()
-            print("torch.profiler, one OURS training step (top operators by self time):")
-            print(profile_ours_step(ours))
+        train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if cuda:
+            try:
+                print(f"  cuda utilization (last sample period): {torch.cuda.utilization(device)} %")
+            except Exception as e:  # needs pynvml / amdsmi
+                print(f"  cuda utilization: not available ({e})")
+            print(f"  cuda max_memory_allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+        del ours, naive
 
         if not args.skip_inference:
-            del ours, naive
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            print()
             print(
-                f"INFERENCE (batch {args.infer_batch}, {args.image_size}x{args.image_size}, eval + inference_mode"
-                f"{', autocast' if device.type == 'cuda' else ''}; target single branch >= 200 img/s)"
+                f"\nINFERENCE (batch {args.infer_batch}, {args.image_size} px, in-memory images; inference.yaml's "
+                f"SDLEvaluator, fold_pooling {not args.no_fold}{', AMP' * cuda}), images/s"
             )
-            for label, ips in bench_inference(args, device):
-                print(f"  {label:34s}: {ips:7.1f} images/s")
+            print(f"  {'':40s} {'bare network':>12s} {'evaluator':>10s}   (target one branch >= 200)")
+            for label, bare, engine in bench_inference(args, device, tmp):
+                print(f"  {label:40s} {bare:12.1f} {engine:10.1f}")
 
-        print()
-        print(
-            f"PEAK MEMORY: ru_maxrss process {maxrss_mb():.0f} MiB (after training {train_rss:.0f} MiB), "
-            f"DataLoader workers {maxrss_mb(resource.RUSAGE_CHILDREN):.0f} MiB"
-        )
-        if device.type == "cuda":
-            print(
-                f"  cuda max_memory_allocated: training {cuda_train:.0f} MiB"
-                + (
-                    f", inference {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-                    if not args.skip_inference
-                    else ""
-                )
-            )
-        load = os.getloadavg()
-        print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"\nPEAK RSS, MiB: process {rss:.0f} (after training {train_rss:.0f}), DataLoader workers {workers:.0f}")
+        print(f"load average at end: {load()}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
