@@ -7,7 +7,7 @@ features, a synergic head 2048 -> 512 -> 1, lambda 3, SGD lr 1e-4 momentum 0.9; 
   overrides ``datalist`` (JSON of a generated demo DICOM tree indexed by ``build_datalist``), ``pretrained:
   false``, ``momentum: 0.9``, ``seed: 0``, ``epochs: 1``, a ``val_interval`` never reached, ``num_workers:
   --workers`` (train.yaml: 2), ``bundle_root``/``ckpt_dir``/``log_dir`` in a temp folder, the dataset's
-  ``num_groups`` (pairs per epoch; ``num_pairs`` before GroupDataset) enough for the longest round, and
+  ``num_groups`` (pairs per epoch) enough for the longest round, and
   ``fold_pooling``/``channels_last`` (train.yaml: true; off with ``--no-fold``/``--no-channels-last``).
   ``train#trainer`` runs as built, with every train.yaml handler and metric and MONAI's decollation of each
   output. A step: DataLoader workers rotate cached slices (``CacheDataset`` loads, scales and resizes once, at
@@ -45,7 +45,6 @@ backward / optimizer / rest (OURS: decollation and handlers) for both loops, syn
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -58,7 +57,6 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from pydoc import locate
 
 import numpy as np
 import pydicom
@@ -86,7 +84,6 @@ CONFIGS = BUNDLE / "configs"
 LR, MOMENTUM, LAMBDA, HIDDEN, CLASSES = 1e-4, 0.9, 3.0, 1024, 3
 PHASES = ("data", "fwd+loss", "backward", "optimizer", "rest")
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx")
-NUM_GROUPS_KEYS = {"num_groups", "num_pairs"}
 
 
 def sync(device: torch.device) -> None:
@@ -146,10 +143,7 @@ class Ours:
         parser = ConfigParser()
         parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "paper.yaml")])
         parser.update(overrides)
-        # groups (pairs) drawn per epoch, enough for the longest round: num_groups of GroupDataset, num_pairs of
-        # the older PairDataset
-        size_keys = inspect.signature(locate(parser["train#dataset#_target_"])).parameters.keys() & NUM_GROUPS_KEYS
-        parser[f"train#dataset#{size_keys.pop()}"] = args.batch_pairs * longest
+        parser["train#dataset#num_groups"] = args.batch_pairs * longest  # pairs per epoch: enough for the longest round
         set_determinism(seed=0)  # as `run training` does before it builds the trainer
         t0 = time.perf_counter()
         self.trainer = trainer = parser.get_parsed_content("train#trainer")
