@@ -21,6 +21,7 @@ import copy
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -115,11 +116,13 @@ class ResumeCheckpointer:
         return self._write(epoch, state)
 
     def _write(self, epoch: int, state: dict) -> Path:
+        started = time.perf_counter()
         path = atomic_save(state, self.save_dir / f"{PREFIX}_epoch={epoch}.pt")
         for _, older in _checkpoints(self.save_dir):
             if older != path:
                 older.unlink(missing_ok=True)
-        logger.info("resume checkpoint %s", path)
+        seconds = time.perf_counter() - started
+        logger.info("resume checkpoint %s: %.0f MB in %.1f s", path, path.stat().st_size / 1e6, seconds)
         return path
 
 
