@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -124,12 +123,29 @@ def test_every_backbone_builds_and_runs(backbone):
     assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)
 
 
-def test_pretrained_without_weights_warns_and_continues(monkeypatch, tmp_path, caplog):
+def test_pretrained_without_weights_is_an_error_not_a_random_start(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="scripts.network"):
-        net = _small_net(pretrained=True)
-    assert "random initialisation" in caplog.text
-    assert net(_images()).shape == (2, 3)
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", _refuse_download)
+    with pytest.raises(FileNotFoundError, match="--download_weights true") as error:
+        _small_net(pretrained=True)
+    assert "alexnet-owt-7be5be79.pth" in str(error.value) and str(tmp_path) in str(error.value)
+
+
+def _refuse_download(*args, **kwargs):
+    raise AssertionError("tests never download")
+
+
+def test_download_is_torchvisions_and_only_when_allowed(monkeypatch, tmp_path):
+    """``download_weights`` hands over to torchvision's own download (replaced here: tests never download)."""
+    state = _reference_alexnet_state(seed=3)
+    asked = []
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(
+        torchvision.models.WeightsEnum, "get_state_dict", lambda self, **kw: asked.append(self.url) or state
+    )
+    net = _small_net(pretrained=True, download_weights=True)
+    assert asked == [torchvision.models.AlexNet_Weights.DEFAULT.url] * 2  # once per branch
+    assert torch.equal(net.branches[0].backbone.features[0].weight, state["features.0.weight"])
 
 
 def _reference_alexnet_state(seed: int = 123) -> dict[str, torch.Tensor]:
@@ -147,15 +163,14 @@ def test_pretrained_from_weights_path(tmp_path):
         assert torch.equal(branch.backbone.classifier[4].weight, state["classifier.4.weight"])
 
 
-def test_pretrained_from_hub_cache_only(monkeypatch, tmp_path, caplog):
+def test_pretrained_from_hub_cache_only(monkeypatch, tmp_path):
     state = _reference_alexnet_state(seed=7)
     url_name = Path(torchvision.models.AlexNet_Weights.DEFAULT.url).name
     (tmp_path / "checkpoints").mkdir()
     torch.save(state, tmp_path / "checkpoints" / url_name)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="scripts.network"):
-        net = _small_net(pretrained=True)
-    assert "random initialisation" not in caplog.text
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", _refuse_download)
+    net = _small_net(pretrained=True)
     assert torch.equal(net.branches[1].backbone.features[3].weight, state["features.3.weight"])
 
 

@@ -138,47 +138,66 @@ def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_backbone(
-    backbone: str, pretrained: bool = False, weights_path: str | Path | None = None, random_init: str = "kaiming"
+    backbone: str,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    random_init: str = "kaiming",
+    download_weights: bool = False,
 ) -> tuple[nn.Module, int]:
     """Build a torchvision ``backbone`` without its 1000-way layer; return ``(module, feature_width)``.
 
-    With ``pretrained=True`` the ImageNet weights come from ``weights_path`` or the torch hub cache; if neither is
-    available a warning is logged and the backbone keeps its random initialisation (nothing is downloaded).
-    A backbone that starts from random weights is initialised by ``random_init``: ``"kaiming"`` (default,
-    :func:`kaiming_init`) or ``"torchvision"`` (the library's own initialisation, as built).
+    With ``pretrained=True`` the ImageNet weights come from ``weights_path``, else from the torch hub cache, else
+    (only with ``download_weights=True``) from torchvision's standard download into that cache. Without any of
+    them it is an error, never a silent start from random weights: a run meant to reproduce the paper's
+    ImageNet start must not quietly become another experiment.
+    A backbone that starts from random weights (``pretrained=False``) is initialised by ``random_init``:
+    ``"kaiming"`` (default, :func:`kaiming_init`) or ``"torchvision"`` (the library's own initialisation).
     """
     if random_init not in RANDOM_INITS:
         raise ValueError(f"Unknown random_init {random_init!r}; choose one of {list(RANDOM_INITS)}.")
     if backbone not in BACKBONES:
         raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}.")
     spec = BACKBONES[backbone]
-    source: Path | None = None
+    state: dict[str, torch.Tensor] | None = None
     if as_flag(pretrained):  # `--pretrained false` arrives as the string "false"
-        source = Path(weights_path) if weights_path is not None else _cached_weights_file(backbone)
-        if source is not None and not source.is_file():
-            raise FileNotFoundError(f"weights_path {source} does not exist.")
-        if source is None:
-            logger.warning(
-                "No ImageNet weights for %s: no weights_path given and none in the torch hub cache %s; "
-                "the network starts from random initialisation (nothing is downloaded).",
-                backbone,
-                Path(torch.hub.get_dir()) / "checkpoints",
-            )
+        state = _imagenet_state(backbone, weights_path, as_flag(download_weights))
     kwargs = dict(spec.build_kwargs)
-    if source is not None:
+    if state is not None:
         kwargs.update(spec.pretrained_kwargs)
     model = torchvision.models.get_model(backbone, weights=None, **kwargs)
-    if source is not None:
-        state = _load_state_dict(source)
+    if state is not None:
         if backbone == "googlenet":  # auxiliary classifiers are not built
             state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
         model.load_state_dict(state)
-        logger.info("Loaded ImageNet weights for %s from %s.", backbone, source)
     elif random_init == "kaiming":
         kaiming_init(model)
-    model.sdl_from_scratch = source is None  # read by SDLBranch / SDLNet to choose how the new layers start
+    model.sdl_from_scratch = state is None  # read by SDLBranch / SDLNet to choose how the new layers start
     width = spec.strip(model)
     return model, width
+
+
+def _imagenet_state(backbone: str, weights_path: str | Path | None, download: bool) -> dict[str, torch.Tensor]:
+    """The ImageNet state_dict of ``backbone``: a given file, torch's hub cache, or (if allowed) the download."""
+    if weights_path is not None:
+        source = Path(weights_path)
+        if not source.is_file():
+            raise FileNotFoundError(f"weights_path {source} does not exist.")
+    else:
+        source = _cached_weights_file(backbone)
+    if source is not None:
+        logger.info("Loading ImageNet weights for %s from %s.", backbone, source)
+        return _load_state_dict(source)
+    weights = torchvision.models.get_model_weights(backbone).DEFAULT
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    if not download:
+        raise FileNotFoundError(
+            f"pretrained is set but no ImageNet weights for {backbone} were found (no --weights_path, and no "
+            f"{Path(weights.url).name} in {cache}). Give --weights_path FILE, put the file in that folder, allow "
+            f"torchvision's download with --download_weights true, or train from random weights with "
+            f"--pretrained false."
+        )
+    logger.info("Downloading ImageNet weights for %s from %s into %s.", backbone, weights.url, cache)
+    return weights.get_state_dict(progress=False, check_hash=True)
 
 
 RANDOM_INITS = ("kaiming", "torchvision")
@@ -245,9 +264,10 @@ class SDLBranch(nn.Module):
         random_init: str = "kaiming",
         fold_pooling: bool = False,
         image_size: int = 128,
+        download_weights: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone, width = build_backbone(backbone, pretrained, weights_path, random_init)
+        self.backbone, width = build_backbone(backbone, pretrained, weights_path, random_init, download_weights)
         if as_flag(fold_pooling):  # after any ImageNet weights are loaded, so they are folded too
             fold_backbone_pooling(self.backbone, int(image_size))
         self.hidden = nn.Sequential(nn.Linear(width, hidden_size), nn.ReLU(inplace=True))
@@ -286,8 +306,10 @@ class SDLNet(nn.Module):
         hidden_size: width of the hidden FC layer whose output are the synergic features (Zhang uses 1024).
         fusion: ``"concat"`` (paper text, Zhang) or ``"product"`` (f_i * f_j, the paper's algorithm box).
         synergic_lambda: lambda; scales the synergic gradient each branch receives through its features.
-        pretrained: start the backbones from ImageNet weights (local file or hub cache only, never downloaded).
+        pretrained: start the backbones from ImageNet weights: ``weights_path``, else torch's hub cache, else
+            torchvision's download when ``download_weights`` is set; without any of them an error.
         weights_path: local torchvision state_dict for the backbone, used when ``pretrained`` is True.
+        download_weights: let torchvision download the ImageNet weights into torch's hub cache if needed.
         dropout: dropout before each branch's prediction layer.
         synergic_hidden: hidden width of each synergic head MLP; 0 means a single Linear(1).
         random_init: how a backbone without ImageNet weights starts: ``"kaiming"`` (He initialisation, default;
@@ -315,6 +337,7 @@ class SDLNet(nn.Module):
         random_init: str = "kaiming",
         fold_pooling: bool = False,
         image_size: int = 128,
+        download_weights: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -338,6 +361,7 @@ class SDLNet(nn.Module):
                 random_init,
                 fold_pooling,
                 image_size,
+                download_weights,
             )
             for _ in range(num_branches)
         )
