@@ -12,7 +12,11 @@ evaluating``, and every fold, sweep point or variant of ``scripts.experiments``.
   AUC of the test split) and the per-class table (Table 3), at slice and patient level;
 * each evaluated run's confusion matrix, redrawn from its metrics.json;
 * each experiment's table (k-fold mean ± std, protocol comparison, model comparison) and sweep plot
-  (Figure 7).
+  (Figure 7);
+* each hyperparameter search (``run tune``): its summary of the best trials and final test, and its Optuna
+  plots (optimisation history, parameter importances, synergic lambda against the objective, intermediate
+  values), copied as they are. Its trial runs (``OUT/trials/``, marked by ``OUT/study.json``) are left out of
+  the per-run sections: a study holds hundreds of them, and its plots already summarise them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -46,9 +51,12 @@ _PANELS = (
 def find_runs(runs_dir: Path, skip: Iterable[Path] = ()) -> list[Path]:
     """Folders under ``runs_dir`` (itself included) with TensorBoard logs or an evaluation, sorted."""
     skip = {p.resolve() for p in skip}
+    trials = {marker.parent.resolve() / "trials" for marker in runs_dir.rglob("study.json")}  # run tune's trials
     runs = []
     for folder in [runs_dir, *sorted(p for p in runs_dir.rglob("*") if p.is_dir())]:
         if folder.resolve() in skip or any(part in _NOT_RUNS for part in folder.relative_to(runs_dir).parts):
+            continue
+        if any(t == folder.resolve() or t in folder.resolve().parents for t in trials):
             continue
         if (folder / "eval" / "metrics.json").is_file() or any((folder / "logs").glob("events.out.tfevents*")):
             runs.append(folder)
@@ -177,6 +185,11 @@ def _experiment_section(summary_file: Path, runs_dir: Path, figures: Path) -> li
     if summary.get("experiment") == "sweep":
         png = plot_sweep(summary, figures / f"{_slug(name)}_sweep.png")
         lines += [f"![sweep of {summary['key']}](figures/{png.name})", ""]
+    for plot in summary.get("plots", []) if summary.get("experiment") == "tune" else []:
+        source = summary_file.parent / plot
+        if source.is_file():  # Optuna's own figures: nothing to redraw from the summary
+            target = shutil.copyfile(source, figures / f"{_slug(name)}_{Path(plot).name}")
+            lines += [f"![{name}: {Path(plot).stem.replace('_', ' ')}](figures/{Path(target).name})", ""]
     return lines
 
 

@@ -30,7 +30,12 @@ logger = logging.getLogger(__name__)
 # Arguments of `monai.bundle run` that are not config overrides.
 _RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
 # Keys that configure an experiment itself; its runs must not inherit them.
-EXPERIMENT_KEYS = {"output_dir", "n_folds", "sweep_key", "sweep_values", "variants", "runs_dir", "protocols"}
+EXPERIMENT_KEYS = {
+    "output_dir", "n_folds", "sweep_key", "sweep_values", "variants", "runs_dir", "protocols",
+    # run tune (scripts/tune.py); it gives each trial run its own inner_fold and inner_folds
+    "n_trials", "storage", "study_name", "search_space", "search_space_file", "objective", "direction",
+    "inner_folds", "inner_fold", "final", "sampler", "pruner", "timeout", "keep_checkpoints",
+}  # fmt: skip
 # Where each run writes; set per run.
 _RUN_DIR_KEYS = ("ckpt_dir", "log_dir", "output_dir")
 METRIC_NAMES = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
@@ -123,26 +128,37 @@ class Experiment:
         """evaluate.yaml beside the first config file (train.yaml)."""
         return str(Path(self.config_files[0]).parent / "evaluate.yaml")
 
-    def run(self, spec: RunSpec) -> dict:
-        """Train and evaluate one run (unless its metrics exist already); return its ``metrics.json``."""
-        from monai.bundle import run as bundle_run
-
+    def _files_and_overrides(self, spec: RunSpec) -> tuple[Path, list[str], dict[str, Any]]:
         run_dir = self.output_dir / spec.name
-        metrics_file = run_dir / "eval" / "metrics.json"
-        if metrics_file.is_file():
-            logger.info("%s: already evaluated (%s), not re-run", spec.name, metrics_file)
-            return json.loads(metrics_file.read_text())
         overrides = {**self.overrides, **spec.overrides}
         overrides.update(
             ckpt_dir=str(run_dir / "models"), log_dir=str(run_dir / "logs"), output_dir=str(run_dir / "eval")
         )
-        files = [*self.config_files, *spec.extra_config_files]
+        return run_dir, [*self.config_files, *spec.extra_config_files], overrides
+
+    def train(self, spec: RunSpec) -> Path:
+        """``run training`` of one run, its config files and overrides written to ``run.json``; its folder."""
+        from monai.bundle import run as bundle_run
+
+        run_dir, files, overrides = self._files_and_overrides(spec)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(
             json.dumps({"name": spec.name, "config_file": files, "overrides": overrides}, indent=2, default=str)
         )
         logger.info("%s: training (%s)", spec.name, ", ".join(f"{k}={v}" for k, v in spec.overrides.items()))
         bundle_run("training", config_file=files, **self.run_arguments, **overrides)
+        return run_dir
+
+    def run(self, spec: RunSpec) -> dict:
+        """Train and evaluate one run (unless its metrics exist already); return its ``metrics.json``."""
+        from monai.bundle import run as bundle_run
+
+        run_dir, files, overrides = self._files_and_overrides(spec)
+        metrics_file = run_dir / "eval" / "metrics.json"
+        if metrics_file.is_file():
+            logger.info("%s: already evaluated (%s), not re-run", spec.name, metrics_file)
+            return json.loads(metrics_file.read_text())
+        self.train(spec)
         logger.info("%s: evaluating", spec.name)
         bundle_run("evaluating", config_file=[*files, self.evaluate_config], **self.run_arguments, **overrides)
         return json.loads(metrics_file.read_text())

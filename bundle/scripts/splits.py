@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PROTOCOLS", "make_splits", "patient_kfold", "patient_labels", "split_by_patient", "split_by_slice"]
+__all__ = [
+    "PROTOCOLS",
+    "inner_fold_split",
+    "make_splits",
+    "patient_kfold",
+    "patient_labels",
+    "split_by_patient",
+    "split_by_slice",
+]
 
 PROTOCOLS = ("patient", "slice", "kfold")
 Record = dict[str, Any]
@@ -206,3 +214,28 @@ def make_splits(
             "val_fraction"
         )
     return splits
+
+
+def inner_fold_split(
+    outer: dict[str, list[Record]], *, fold: int, n_folds: int, seed: int = 0
+) -> dict[str, list[Record]]:
+    """Fold ``fold`` of a patient k-fold over the *training* patients of an outer split (nested validation).
+
+    The outer ``train`` and ``validation`` parts are pooled and dealt into ``n_folds`` grade-stratified,
+    patient-grouped folds (:func:`patient_kfold`): fold ``fold`` is ``validation``, the others ``train``. The
+    outer ``test`` part is dropped (``test`` is empty), so a hyperparameter search that scores settings on
+    these validation folds never sees a test patient. An outer slice-level split is refused: its test
+    patients also have slices in its training part.
+    """
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"inner fold must be in 0..{n_folds - 1}, got {fold}")
+    test_patients = {str(r["patient_id"]) for r in outer.get("test", [])}
+    pool = [*outer.get("train", []), *outer.get("validation", [])]
+    shared = sorted(test_patients & {str(r["patient_id"]) for r in pool})
+    if shared:
+        raise ValueError(
+            f"the outer split puts {len(shared)} test patient(s) in its training part too (a slice-level split?): "
+            "inner folds need a patient-level outer split (split_protocol patient or kfold)"
+        )
+    part = patient_kfold(pool, n_folds=n_folds, seed=seed)[fold]
+    return {"train": part["train"], "validation": part["test"], "test": []}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.metrics import Metric
 
 from scripts.checkpoints import atomic_save
 from scripts.flags import as_flag
@@ -196,11 +197,62 @@ class BranchOutput:
         return preds, labels
 
 
-def validation_metrics(num_branches: int) -> dict:
+class PatientLevelMetric(Metric):
+    """Accuracy or macro one-vs-rest AUC over *patients*, each graded by the mean of its slices' probabilities.
+
+    A grade belongs to a patient, and the test reports (``patients.csv``, ``metrics.json``) grade patients by
+    that mean (`scripts.reports`); selecting settings on slice accuracy would favour patients with many
+    slices. Ignite hands a metric only the evaluator's output, which carries no patient id, so this metric
+    reads the ids from the batch beside it. Not synchronised across processes: with a `DistributedSampler`
+    each rank would score its own share of the patients.
+    """
+
+    def __init__(self, kind: str = "accuracy") -> None:
+        if kind not in ("accuracy", "auc"):
+            raise ValueError(f"kind must be 'accuracy' or 'auc', got {kind!r}")
+        self.kind = kind
+        super().__init__()
+
+    def reset(self) -> None:
+        self._rows: list[dict] = []
+
+    def update(self, output: Sequence[tuple[str, list[float], int]]) -> None:
+        for patient_id, probabilities, label in output:
+            row = {"patient_id": patient_id, "probabilities": probabilities, "label": label}
+            self._rows.append(row)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        outputs, batch = engine.state.output, engine.state.batch
+        if isinstance(outputs, Mapping):  # an evaluator run with decollate=False
+            from monai.data import decollate_batch
+
+            outputs, batch = decollate_batch(outputs), decollate_batch(batch)
+        rows = []
+        for out, item in zip(outputs, batch, strict=True):
+            probabilities = torch.as_tensor(out["pred"]).detach().float().cpu().reshape(-1).tolist()
+            rows.append((str(item["patient_id"]), probabilities, int(torch.as_tensor(out["label"]).reshape(-1)[0])))
+        self.update(rows)
+
+    def compute(self) -> float:
+        from scripts.metrics import classification_metrics
+        from scripts.reports import _average_by
+
+        if not self._rows:
+            raise RuntimeError("PatientLevelMetric needs at least one validation slice")
+        names = [str(c) for c in range(len(self._rows[0]["probabilities"]))]
+        patients = _average_by(self._rows, "patient_id", names)
+        metrics = classification_metrics([p["probabilities"] for p in patients], [p["label"] for p in patients], names)
+        value = metrics["accuracy"] if self.kind == "accuracy" else metrics["macro"]["auc"]
+        return float("nan") if value is None else float(value)
+
+
+def validation_metrics(num_branches: int, patient_level: bool = False) -> dict:
     """Validation metrics besides ``val_acc``: each branch's accuracy and the ensemble's cross-entropy.
 
     ``val_loss`` is the negative log of the probability the ensemble gives the true grade, averaged over
-    slices: the validation loss curve of the paper's figures, comparable with the training CE.
+    slices: the validation loss curve of the paper's figures, comparable with the training CE. With
+    ``patient_level`` (set by tune.yaml, the objective of `run tune`), also ``val_patient_acc`` and
+    ``val_patient_auc`` (:class:`PatientLevelMetric`).
     """
     from ignite.metrics import Accuracy, Loss
     from monai.handlers import from_engine
@@ -210,6 +262,9 @@ def validation_metrics(num_branches: int) -> dict:
     metrics: dict = {"val_loss": Loss(nll_of_probabilities, output_transform=from_engine(["pred", "label"]))}
     for b in range(num_branches):
         metrics[f"val_acc_branch{b + 1}"] = Accuracy(output_transform=BranchOutput(b))
+    if as_flag(patient_level):
+        metrics["val_patient_acc"] = PatientLevelMetric("accuracy")
+        metrics["val_patient_auc"] = PatientLevelMetric("auc")
     return metrics
 
 
