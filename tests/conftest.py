@@ -3,6 +3,7 @@
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,3 +24,27 @@ def monai_bundle(*args: str, timeout: int = 900) -> str:
 def bundle_run(run_id: str, config_file: str, *overrides: str, timeout: int = 900) -> str:
     """``python -m monai.bundle run RUN_ID --config_file CONFIG_FILE OVERRIDES`` (see :func:`monai_bundle`)."""
     return monai_bundle("run", run_id, "--config_file", config_file, *overrides, timeout=timeout)
+
+
+# The start of a script for a process that must not see the bundle's code, as a MONAI Deploy or Triton host
+# would load an export: `scripts` is refused by an import hook (run it from a folder outside the repository, so
+# neither the installed package nor `bundle/` can supply it either).
+WITHOUT_SCRIPTS = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class RefuseScripts(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "scripts" or name.startswith("scripts."):
+                raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)")
+            return None
+
+    sys.meta_path.insert(0, RefuseScripts())
+    try:
+        import scripts  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit("scripts is importable: the test would prove nothing")
+    """
+)

@@ -337,6 +337,8 @@ def test_ensure_demo_dataset_caches_and_warns(tmp_path, caplog):
     assert "SYNTHETIC" in caplog.text
     assert Path(second["grades_csv"]).stat().st_mtime_ns == csv_mtime
     assert a_file.stat().st_mtime_ns == file_mtime
+    third = ensure_demo_dataset(cache, **SMALL, seed=0, mimic_fraction=0.1)  # the defaults, spelt out
+    assert third == first and a_file.stat().st_mtime_ns == file_mtime
 
 
 def test_ensure_demo_dataset_replaces_half_tree(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, monai_bundle
+from conftest import REPO_ROOT, WITHOUT_SCRIPTS, monai_bundle
 from scripts.network import SDLNet
 
 META = "bundle/configs/metadata.json"
@@ -39,24 +39,8 @@ def test_inference_config_has_the_ids_monai_tools_read():
 
 # A process that must not see the bundle's code: `scripts` is refused by an import hook, and the working
 # directory is the archive's folder, so neither the installed package nor `bundle/` can supply it.
-_LOAD_WITHOUT_SCRIPTS = textwrap.dedent(
+_LOAD_WITHOUT_SCRIPTS = WITHOUT_SCRIPTS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class RefuseScripts(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "scripts" or name.startswith("scripts."):
-                raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)")
-            return None
-
-    sys.meta_path.insert(0, RefuseScripts())
-    try:
-        import scripts  # noqa: F401
-    except ModuleNotFoundError:
-        pass
-    else:
-        raise SystemExit("scripts is importable: the test would prove nothing")
-
     import torch
     from monai.data import load_net_with_metadata
 

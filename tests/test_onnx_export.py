@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, monai_bundle
+from conftest import REPO_ROOT, WITHOUT_SCRIPTS, monai_bundle
 from scripts.network import SDLNet
 
 onnx = pytest.importorskip("onnx")
@@ -139,24 +139,8 @@ def test_onnx_model_carries_the_bundle_metadata_and_config(exported):
 
 # A process that must not see the bundle's code (as in test_export.py): `scripts` is refused by an import hook
 # and the working directory is the program's folder.
-_LOAD_PT2_WITHOUT_SCRIPTS = textwrap.dedent(
+_LOAD_PT2_WITHOUT_SCRIPTS = WITHOUT_SCRIPTS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class RefuseScripts(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "scripts" or name.startswith("scripts."):
-                raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)")
-            return None
-
-    sys.meta_path.insert(0, RefuseScripts())
-    try:
-        import scripts  # noqa: F401
-    except ModuleNotFoundError:
-        pass
-    else:
-        raise SystemExit("scripts is importable: the test would prove nothing")
-
     import torch
 
     extra = {"metadata.json": "", "inference.json": ""}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -489,9 +490,14 @@ def ensure_demo_dataset(cache_dir: str | Path | None = None, **generate_kwargs: 
     :func:`generate_demo_dataset` and are part of the marker.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(generate_demo_dataset).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }  # so a setting given at its default value matches a tree generated without it
     settings = {
         "generator_version": GENERATOR_VERSION,
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in sorted(generate_kwargs.items())},
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in sorted({**defaults, **generate_kwargs}.items())},
     }
     if _marker_matches(root, settings):
         logger.warning(_SYNTHETIC_WARNING, root)

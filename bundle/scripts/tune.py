@@ -105,33 +105,17 @@ def suggest(trial: Any, key: str, spec: Mapping[str, Any]) -> Any:
 
 # ---- what tune.yaml puts into each trial's run ---------------------------------------------------------
 def trial_splits(
-    records: Sequence[dict],
-    *,
-    protocol: str = "patient",
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    seed: int = 0,
-    fold: int = 0,
-    n_folds: int = 5,
-    inner_fold: int | None = None,
-    inner_folds: int = 3,
+    records: Sequence[dict], *, inner_fold: int | None = None, inner_folds: int = 3, **split_options: Any
 ) -> dict[str, list[dict]]:
-    """The ordinary split (train.yaml's), or with ``inner_fold`` set, that inner fold of its training patients."""
+    """The ordinary split (train.yaml's ``splits``, whose options pass through), or with ``inner_fold`` set, that
+    inner fold of its training patients."""
     from scripts.image_folder import split_records
     from scripts.splits import inner_fold_split
 
-    outer = split_records(
-        records,
-        protocol=protocol,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
-        fold=fold,
-        n_folds=n_folds,
-    )
+    outer = split_records(records, **split_options)
     if inner_fold is None:
         return outer
-    return inner_fold_split(outer, fold=int(inner_fold), n_folds=int(inner_folds), seed=seed)
+    return inner_fold_split(outer, fold=int(inner_fold), n_folds=int(inner_folds), seed=split_options.get("seed", 0))
 
 
 @dataclass
