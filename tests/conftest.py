@@ -48,3 +48,16 @@ WITHOUT_SCRIPTS = textwrap.dedent(
         raise SystemExit("scripts is importable: the test would prove nothing")
     """
 )
+
+
+def tiny_datalist(root: Path, n_patients_per_grade: int, seed: int) -> Path:
+    """A small demo tree (2 slices of 40 px per series) under ``root`` and its datalist, ``root/datalist.json``."""
+    from scripts.demo_data import generate_demo_dataset
+    from scripts.dicom_index import write_datalist
+
+    data = generate_demo_dataset(
+        root, n_patients_per_grade=n_patients_per_grade, slices_per_series=2, image_size=(40, 40), seed=seed
+    )
+    datalist = root / "datalist.json"
+    write_datalist(data["dicom_dir"], data["grades_csv"], str(datalist))
+    return datalist

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import bundle_run
+from conftest import bundle_run, tiny_datalist
 from scripts.experiments import mean_and_std, parse_bundle_command_line
 
 TINY = [
@@ -28,13 +28,7 @@ def run_configs(run_id: str, config_files: list[str], *overrides: str) -> str:
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    from scripts.demo_data import generate_demo_dataset
-    from scripts.dicom_index import write_datalist
-
-    root = tmp_path_factory.mktemp("experiments_data")
-    data = generate_demo_dataset(root, n_patients_per_grade=6, slices_per_series=2, image_size=(40, 40), seed=3)
-    datalist = root / "datalist.json"
-    write_datalist(data["dicom_dir"], data["grades_csv"], str(datalist))
+    datalist = tiny_datalist(tmp_path_factory.mktemp("experiments_data"), n_patients_per_grade=6, seed=3)
     return ["--datalist", str(datalist)]
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, bundle_run
+from conftest import REPO_ROOT, bundle_run, tiny_datalist
 
 optuna = pytest.importorskip("optuna")
 yaml = pytest.importorskip("yaml")
@@ -50,13 +50,8 @@ def one_thread_per_process():
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    from scripts.demo_data import generate_demo_dataset
-    from scripts.dicom_index import write_datalist
-
     root = tmp_path_factory.mktemp("tune_data")
-    data = generate_demo_dataset(root, n_patients_per_grade=4, slices_per_series=2, image_size=(40, 40), seed=5)
-    datalist = root / "datalist.json"
-    write_datalist(data["dicom_dir"], data["grades_csv"], str(datalist))
+    datalist = tiny_datalist(root, n_patients_per_grade=4, seed=5)
     space = root / "space.yaml"
     space.write_text(SEARCH_SPACE_FILE)
     return ["--datalist", str(datalist), "--search_space_file", str(space)]
