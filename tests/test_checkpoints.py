@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ignite.engine import Engine, Events
-from scripts.checkpoints import ResumeCheckpointer, atomic_save, latest_checkpoint, run_training
+from scripts.checkpoints import ResumeCheckpointer, atomic_save, latest_checkpoint, resume_handlers, run_training
 
 
 def _trainer(max_epochs: int, fail_in_epoch: int | None = None, error: type[BaseException] = RuntimeError):
@@ -101,3 +101,16 @@ def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
     for epoch in (2, 10, 9):
         (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"x")
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+def test_a_damaged_last_checkpoint_is_a_clear_error_that_offers_the_previous_one(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    atomic_save({"model": net.state_dict()}, tmp_path / "checkpoint_epoch=1.pt")
+    whole = atomic_save({"model": net.state_dict()}, tmp_path / "checkpoint_epoch=2.pt").read_bytes()
+    (tmp_path / "checkpoint_epoch=2.pt").write_bytes(whole[: len(whole) // 2])  # as a copy cut short
+    with pytest.raises(ValueError, match=r"checkpoint_epoch=2.pt is damaged .*checkpoint_epoch=1.pt is readable"):
+        resume_handlers(True, str(tmp_path), {"model": net})
+    (tmp_path / "checkpoint_epoch=1.pt").unlink()
+    with pytest.raises(ValueError, match=r"is damaged .*--resume false --overwrite true") as error:
+        resume_handlers("true", str(tmp_path), {"model": net})
+    assert "is readable" not in str(error.value)

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -519,7 +520,7 @@ def test_write_datalist_raises_when_nothing_joins_but_writes_report(tmp_path):
     csv_path = tmp_path / "grades.csv"
     csv_path.write_text("Sample,Grade\nP1,II\n")
     out = tmp_path / "dl.json"
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ValueError) as err:
         write_datalist(tmp_path / "dicom", csv_path, out)
     message = str(err.value)
     assert str(tmp_path / "dicom") in message and str(csv_path) in message and "dl_report.md" in message
@@ -568,3 +569,71 @@ def test_every_reason_code_is_explained():
     names = [name for name in vars(dicom_index) if name.startswith("REASON_") and name != "REASON_DESCRIPTIONS"]
     codes = {getattr(dicom_index, name) for name in names}
     assert codes == set(dicom_index.REASON_DESCRIPTIONS)
+
+
+def test_dicomdir_and_multi_frame_files_get_their_own_reasons(tmp_path):
+    good = mr(tmp_path / "series" / "1.dcm")
+    enhanced = mr(tmp_path / "series" / "2.dcm", patient_id="P1")
+    ds = pydicom.dcmread(enhanced)
+    ds.NumberOfFrames = 3
+    ds.PixelData = ds.PixelData * 3
+    ds.save_as(enhanced)
+    shutil.copy(good, tmp_path / "DICOMDIR")  # the standard's name for a medium's index file
+    result = index_dicom_tree(tmp_path)
+    assert [s["image"] for s in result.slices] == [str(good)]
+    assert only(result, enhanced)["reason"] == "multi_frame" and "3 frames" in only(result, enhanced)["detail"]
+    assert only(result, tmp_path / "DICOMDIR")["reason"] == "dicomdir"
+
+
+def test_symlinked_folders_are_followed_once_and_loops_reported(tmp_path):
+    store = tmp_path / "store" / "P2"
+    linked = mr(store / "1.dcm", patient_id="P2")
+    tree = tmp_path / "tree"
+    mr(tree / "P1" / "1.dcm", patient_id="P1")
+    (tree / "P2").symlink_to(store, target_is_directory=True)  # a patient folder assembled from a link
+    (tree / "P1" / "back").symlink_to(tree, target_is_directory=True)  # a loop
+    result = index_dicom_tree(tree)
+    assert sorted(s["patient_id"] for s in result.slices) == ["P1", "P2"]
+    assert any(s["image"].endswith(os.path.join("P2", "1.dcm")) for s in result.slices), linked
+    (loop,) = [s for s in result.skipped if s["reason"] == "link_loop"]
+    assert loop["path"] == str(tree.resolve() / "P1" / "back")
+
+
+def test_an_unlistable_folder_is_reported(tmp_path, monkeypatch):
+    mr(tmp_path / "P1" / "1.dcm", patient_id="P1")
+    mr(tmp_path / "P2" / "1.dcm", patient_id="P2")
+    locked = str((tmp_path / "P2").resolve())
+    scandir = os.scandir
+
+    def refusing(path=None):  # as for a chmod 000 folder (root, who runs CI, may read any folder)
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    result = index_dicom_tree(tmp_path)
+    assert [s["patient_id"] for s in result.slices] == ["P1"]
+    (problem,) = [s for s in result.skipped if s["reason"] == "folder_unreadable"]
+    assert problem["path"] == locked and "Permission denied" in problem["detail"]
+
+
+def test_file_names_that_are_not_utf8_are_indexed_and_written(tmp_path):
+    tree = tmp_path / "dicom"
+    mr(tree / "P1" / "1.dcm", patient_id="P1")
+    odd = os.fsdecode(os.fsencode(str(tree / "P1")) + b"/caf\xe9.dcm")  # Latin-1 bytes in a name: a surrogate in Python
+    mr(Path(odd), patient_id="P1")
+    Path(odd + "x").write_bytes(b"not a DICOM file")
+    grades = tmp_path / "grades.csv"
+    grades.write_text("Sample,Grade\nP1,II\n")
+    records = write_datalist(tree, grades, tmp_path / "dl.json")
+    assert odd in {r["image"] for r in records}  # JSON escapes the surrogate, so the path reads back exactly
+    assert "caf\\udce9.dcmx" in (tmp_path / "dl_skipped.csv").read_text(encoding="utf-8")
+    assert "caf\\udce9.dcmx" in (tmp_path / "dl_report.md").read_text(encoding="utf-8")
+
+
+def test_indexing_logs_a_summary_line(tmp_path, caplog):
+    mr(tmp_path / "P1" / "1.dcm")
+    (tmp_path / "P1" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.INFO, logger="scripts.dicom_index"):
+        index_dicom_tree(tmp_path, workers=1)
+    assert re.search(r"inspected 2 files in [\d.]+ s \(\d+ files/s\), 1 skipped", caplog.text), caplog.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 from scripts.grades import canonical_grade, grade_to_label, normalise_id, read_grades
 
@@ -161,3 +163,20 @@ def test_quoted_multiline_cells(tmp_path):
     path = _write(tmp_path, 'Sample,Grade,Notes\nP1,II,"first line\nsecond, line"\nP2,IV,x\n')
     table = read_grades(path)
     assert table.lookup("P1").grade == "II" and table.lookup("P2").grade == "IV" and table.rows == 2
+
+
+def test_utf16_and_latin1_tables_are_read(tmp_path):
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes("Sample,Grade\nHF0001,III\n".encode("utf-16"))  # with its BOM, as Excel writes "Unicode text"
+    assert read_grades(utf16).grades["HF0001"].grade == "III"
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("Sample,Grade,Comment\nHF0002,IV,nécrose\n".encode("latin-1"))
+    assert read_grades(latin1).grades["HF0002"].grade == "IV"
+
+
+def test_an_excel_workbook_is_named_as_such(tmp_path):
+    workbook = tmp_path / "clinical.xlsx"
+    with zipfile.ZipFile(workbook, "w") as archive:  # an .xlsx is a zip of XML parts
+        archive.writestr("[Content_Types].xml", "<Types/>")
+    with pytest.raises(ValueError, match=r"clinical.xlsx is an Excel workbook, not a CSV.*save .* as CSV"):
+        read_grades(workbook)

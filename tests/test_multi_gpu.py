@@ -116,7 +116,12 @@ def test_torchrun_two_processes(tmp_path, backbone):
             for line in log.splitlines()
         ), f"rank {rank} did not finish training:\n{log[-6000:]}"
     models = bundle_root / "models"  # one set of files: written by rank 0 only
-    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt", "model_metric.json"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "checkpoint_epoch=1.pt",
+        "model.pt",
+        "model_metric.json",
+        "model_settings.json",
+    ]
     best = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     net = SDLNet(backbone=backbone, hidden_size=1024)
     net.load_state_dict(best)  # keys of the bare network, no DDP/SDLPairForward prefix

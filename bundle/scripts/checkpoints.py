@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,15 @@ class ResumeCheckpointer:
         return path
 
 
+def _unreadable(path: Path) -> str:
+    """Why ``path`` is not a whole ``torch.save`` archive (a zip whose index sits at its end), or ''."""
+    try:
+        with zipfile.ZipFile(path):
+            return ""
+    except (OSError, zipfile.BadZipFile) as error:
+        return str(error)
+
+
 def run_training(trainer: Engine, checkpointer: ResumeCheckpointer | None = None) -> Engine:
     """``trainer.run()``; if it stops on an error or Ctrl-C, first write the last finished epoch's checkpoint."""
     try:
@@ -152,5 +162,13 @@ def resume_handlers(resume: bool, ckpt_dir: str, load_dict: Mapping[str, object]
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         raise FileNotFoundError(f"--resume was set but {ckpt_dir} holds no checkpoint*epoch=N.pt to resume from")
+    problem = _unreadable(Path(path))
+    if problem:
+        older = [str(p) for _, p in _checkpoints(ckpt_dir)[:-1] if not _unreadable(p)]
+        offer = f"; {older[-1]} is readable: remove the damaged file to resume from it" if older else ""
+        raise ValueError(
+            f"the resume checkpoint {path} is damaged ({problem}), e.g. truncated by a copy or a full disk{offer}. "
+            "To start afresh instead: --resume false --overwrite true"
+        )
     logger.info("resuming from %s", path)
     return [CheckpointLoader(load_path=path, load_dict=dict(load_dict), map_location=map_location)]

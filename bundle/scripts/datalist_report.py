@@ -85,7 +85,8 @@ def render_report(report: dict[str, Any]) -> str:
 def write_skipped_csv(skipped: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Write skipped files as CSV (``path,reason,detail``), the machine-readable twin of the report."""
     path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    # errors=backslashreplace: a file name that is not UTF-8 (surrogate escapes in Python) is written escaped (\udcNN)
+    with path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "reason", "detail"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(skipped)

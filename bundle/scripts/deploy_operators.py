@@ -47,6 +47,7 @@ from pydicom.uid import generate_uid
 
 from scripts.dicom_index import REASON_DUPLICATE, REASON_UNREADABLE, inspect_file
 from scripts.dicom_reader import DicomSliceReader
+from scripts.model_settings import DEFAULTS, read_model_settings
 
 __all__ = [
     "GRADE_JSON",
@@ -130,11 +131,23 @@ def _class_names(parser: ConfigParser, meta: Mapping[str, Any]) -> tuple[list[st
     return class_names, display
 
 
-def _parser(config: Mapping[str, Any], meta: Mapping[str, Any]) -> ConfigParser:
+def _parser(config: Mapping[str, Any], meta: Mapping[str, Any], settings: Mapping[str, Any]) -> ConfigParser:
+    """The inference config with the model's own settings in place of its ``trained_settings`` reader."""
     parser = ConfigParser()
     parser.read_config(f=dict(config))
     parser.read_meta(f=dict(meta))
+    if "trained_settings" in parser:  # configs older than model_settings.json hold the values themselves
+        parser["trained_settings"] = dict(settings)
     return parser
+
+
+def _archive_settings(network: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """The settings an exported network carries (``SDLNet.model_settings``), or the defaults, with a warning."""
+    text = getattr(network, "model_settings", "")
+    if not text:
+        logger.warning("%s carries no model settings (exported before model_settings.json): using the defaults", path)
+        return {**DEFAULTS, "_source": None}
+    return {**json.loads(text), "_source": f"{path} (exported model)"}
 
 
 def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, dict]:
@@ -158,7 +171,7 @@ def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.nn.Module
     return network, json.loads(extra["metadata.json"]), json.loads(extra["inference.json"])
 
 
-def _load_bundle(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, dict, Path]:
+def _load_bundle(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, dict, Path, dict]:
     """Build ``network_def`` from the bundle's inference config and load ``models/model.pt`` into it."""
     config_file = next((path / "configs" / n for n in CONFIG_NAMES if (path / "configs" / n).is_file()), None)
     meta_file = path / "configs" / "metadata.json"
@@ -170,13 +183,14 @@ def _load_bundle(path: Path, device: torch.device) -> tuple[torch.nn.Module, dic
         raise FileNotFoundError(f"bundle folder {path} has no models/model.pt (train first, or pass an exported .ts)")
     config = ConfigParser.load_config_file(str(config_file))
     meta = ConfigParser.load_config_file(str(meta_file))
-    network = _parser(config, meta).get_parsed_content("network_def")
+    settings = read_model_settings(weights)
+    network = _parser(config, meta, settings).get_parsed_content("network_def")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):  # a trainer checkpoint nests the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     network.load_state_dict(state)
-    return network.to(device), meta, config, weights
+    return network.to(device), meta, config, weights, settings
 
 
 def load_grading_model(model_path: str | Path, device: torch.device | None = None) -> GradingModel:
@@ -190,13 +204,13 @@ def load_grading_model(model_path: str | Path, device: torch.device | None = Non
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if path.is_file():
         network, meta, config = _load_torchscript(path, device)
-        source, weights = "torchscript", path
+        source, weights, settings = "torchscript", path, _archive_settings(network, path)
     elif path.is_dir():
-        network, meta, config, weights = _load_bundle(path, device)
+        network, meta, config, weights, settings = _load_bundle(path, device)
         source = "bundle"
     else:
         raise FileNotFoundError(f"MODEL not found: {path}")
-    parser = _parser(config, meta)
+    parser = _parser(config, meta, settings)
     class_names, display_names = _class_names(parser, meta)
     include_post_contrast = parser.get_parsed_content("include_post_contrast", default=True)
     preprocessing = _without_loader(parser.get_parsed_content("preprocessing"))

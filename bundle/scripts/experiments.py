@@ -146,7 +146,8 @@ class Experiment:
             json.dumps({"name": spec.name, "config_file": files, "overrides": overrides}, indent=2, default=str)
         )
         logger.info("%s: training (%s)", spec.name, ", ".join(f"{k}={v}" for k, v in spec.overrides.items()))
-        bundle_run("training", config_file=files, **self.run_arguments, **overrides)
+        # a run re-trained here (its evaluation never finished) starts afresh over what it left
+        bundle_run("training", config_file=files, **self.run_arguments, **{**overrides, "overwrite": True})
         return run_dir
 
     def run(self, spec: RunSpec) -> dict:

@@ -12,7 +12,9 @@ the training image size fixed, gives both artefacts:
 
 Both carry the bundle's metadata and configs as MONAI's TorchScript archive does: ``metadata.json`` (the parsed
 ``_meta_``) and ``<config name>.json`` for each config file, plus ``overrides.json`` when the command line
-overrode config values; in the ONNX model as ``metadata_props``, in the ``.pt2`` archive as extra files
+overrode config values, and ``model_settings.json``: the settings the model was trained with
+(:mod:`scripts.model_settings`, read from beside the checkpoint by ``inference.yaml``); in the ONNX model as
+``metadata_props``, in the ``.pt2`` archive as extra files
 (``torch.export.load(f, extra_files={"metadata.json": ""})`` fills them in).
 
 From the repository root (after ``pip install -e ".[export]"``)::
@@ -89,6 +91,8 @@ def load_network(
     parser.read_config(f=config_file)
     if meta_file is not None:
         parser.read_meta(f=meta_file)
+    if "ckpt_path" in parser and "ckpt_path" not in override:
+        parser["ckpt_path"] = str(ckpt_file)  # inference.yaml reads the model's settings from beside this file
     for key, value in override.items():
         parser[key] = value
     net = parser.get_parsed_content(net_id)
@@ -218,6 +222,8 @@ def export(
     net, parser = load_network(ckpt_file, config_file, meta_file, net_id, key_in_ckpt, **override)
     image_shape = input_shape_of(parser, input_shape)
     extra = _extra_files(parser, config_file, override)
+    if getattr(net, "model_settings", ""):  # the trained settings the network was built with (scripts.model_settings)
+        extra["model_settings.json"] = net.model_settings
     try:
         program = export_program(net, image_shape)
     except ValueError as error:  # e.g. scripts.pool_fold.MapSizeCheck: an image size the fold was not made for

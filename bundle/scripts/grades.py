@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LABEL_MAP: dict[str, int] = {"II": 0, "III": 1, "IV": 2}
 
@@ -162,6 +165,30 @@ def _sniff_dialect(sample: str) -> type[csv.Dialect] | csv.Dialect:
         return csv.excel
 
 
+_EXCEL_SIGNATURES = (b"PK\x03\x04", b"\xd0\xcf\x11\xe0")  # .xlsx (a zip) and .xls (an OLE file)
+
+
+def _table_text(path: Path) -> str:
+    """The text of a grade table: UTF-8 (with or without BOM), UTF-16 with a BOM, else Latin-1 (with a warning).
+
+    TCIA's clinical tables often come as Excel workbooks; one is refused with a message saying so rather than
+    failing on its bytes.
+    """
+    raw = path.read_bytes()
+    if raw.startswith(_EXCEL_SIGNATURES):
+        raise ValueError(
+            f"grades table {path} is an Excel workbook, not a CSV: open it in a spreadsheet and save the sheet with "
+            "the patient and grade columns as CSV (UTF-8), then pass that file as --grades_csv"
+        )
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        logger.warning("grades CSV %s is not UTF-8 (byte %d); read as Latin-1", path, error.start)
+        return raw.decode("latin-1")
+
+
 def read_grades(
     csv_path: str | Path,
     *,
@@ -172,14 +199,14 @@ def read_grades(
 ) -> GradeTable:
     """Read ``csv_path`` into a :class:`GradeTable`.
 
-    Tolerates a UTF-8 BOM, whitespace around headers and cells, and ``,``/``;``/tab delimiters. Rows repeating
-    a patient with the same grade are merged; rows with different grades mark the patient as conflicting.
+    Tolerates a UTF-8 BOM, UTF-16 with a BOM and Latin-1 text, whitespace around headers and cells, and
+    ``,``/``;``/tab delimiters; an Excel workbook is refused with a message saying so. Rows repeating a patient
+    with the same grade are merged; rows with different grades mark the patient as conflicting.
     """
     path = Path(csv_path)
     if not path.is_file():
         raise FileNotFoundError(f"grades CSV not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        text = handle.read()
+    text = _table_text(path)
     reader = csv.reader(io.StringIO(text), _sniff_dialect(text[:4096]))
     header = next(reader, None)
     if header is None:

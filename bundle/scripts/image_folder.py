@@ -263,7 +263,7 @@ def index_image_folder(
 
 
 def _write_skipped(skipped: Sequence[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:  # any file name
         writer = csv.DictWriter(f, fieldnames=["path", "reason"])
         writer.writeheader()
         writer.writerows(skipped)

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
 from scripts.flags import as_flag
+from scripts.model_settings import settings_json
 from scripts.pool_fold import fold_backbone_pooling
 
 __all__ = ["BACKBONES", "FUSIONS", "GradientScale", "SDLBranch", "SDLNet", "SDLPairForward", "scale_gradient"]
@@ -318,6 +320,9 @@ class SDLNet(nn.Module):
             3x3 map of a 128 px input) into the first fully connected layer (:mod:`scripts.pool_fold`): the same
             function with a quarter of that layer's weights; the network then takes ``image_size`` px inputs only.
         image_size: the (square) input size the fold is made for.
+        settings: the settings the model was trained with (:mod:`scripts.model_settings`); kept as the JSON text
+            attribute ``model_settings`` ("" without), which a TorchScript archive keeps, so an exported model
+            carries what its input must be.
 
     ``googlenet`` branches can be traced but not scripted (torchvision's scripted GoogLeNet returns a namedtuple).
     """
@@ -338,8 +343,10 @@ class SDLNet(nn.Module):
         fold_pooling: bool = False,
         image_size: int = 128,
         download_weights: bool = False,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.model_settings = settings_json(settings) if settings else ""
         if backbone not in BACKBONES:
             raise ValueError(f"Unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}.")
         if fusion not in FUSIONS:

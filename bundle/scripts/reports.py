@@ -192,7 +192,7 @@ class PredictionWriter:
         header += [f"branch{b + 1}_p_{c}" for b in range(n_branches) for c in self.class_names]
         n_cams = max((len(r.get("gradcam", [])) for r in self.rows), default=0)
         header += [f"gradcam_branch{b + 1}" for b in range(n_cams)]
-        with open(path, "w", newline="") as f:
+        with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:  # any file name
             writer = csv.writer(f)
             writer.writerow(header)
             for row in self.rows:
@@ -234,7 +234,7 @@ class PredictionWriter:
         }
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self._slice_table(self.output_dir / "predictions.csv")
-        with open(self.output_dir / "patients.csv", "w", newline="") as f:
+        with open(self.output_dir / "patients.csv", "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
             writer = csv.writer(f)
             writer.writerow(
                 ["patient_id", "n_slices", "true_grade", "predicted_grade"] + [f"p_{c}" for c in self.class_names]

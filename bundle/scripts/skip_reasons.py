@@ -21,6 +21,10 @@ REASON_POST_CONTRAST = "post_contrast_excluded"
 REASON_DUPLICATE = "duplicate_sop_instance"
 REASON_TRUNCATED = "pixel_data_truncated"
 REASON_UNDECODABLE = "pixel_data_undecodable"
+REASON_DICOMDIR = "dicomdir"
+REASON_MULTI_FRAME = "multi_frame"
+REASON_UNLISTABLE = "folder_unreadable"
+REASON_LINK_LOOP = "link_loop"
 
 REASON_DESCRIPTIONS: dict[str, str] = {
     REASON_NOT_DICOM: "not a DICOM file",
@@ -37,4 +41,8 @@ REASON_DESCRIPTIONS: dict[str, str] = {
     REASON_DUPLICATE: "duplicate SOPInstanceUID (the first file by path is kept)",
     REASON_TRUNCATED: "truncated file: pixel data shorter than the header says",
     REASON_UNDECODABLE: "pixel data cannot be decoded (no decoder for its transfer syntax, or corrupt stream)",
+    REASON_DICOMDIR: "a DICOMDIR: the index of a DICOM medium, not an image (the images are read from the tree)",
+    REASON_MULTI_FRAME: "multi-frame (enhanced) MR: one file holds many frames; only single-slice files are graded",
+    REASON_UNLISTABLE: "a folder that cannot be listed (e.g. no read permission): its files were not indexed",
+    REASON_LINK_LOOP: "a symbolic link to a folder walked anyway (a loop, or a second link to it): not followed again",
 }

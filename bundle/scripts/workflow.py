@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -18,6 +19,7 @@ from ignite.metrics import Metric
 
 from scripts.checkpoints import atomic_save
 from scripts.flags import as_flag
+from scripts.model_settings import write_model_settings
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +293,9 @@ class BestModelSaver:
     ``load_dict={"model": net}`` and MONAI Label's bundle tasks all load it as is. The file is
     written to a temporary name and renamed, so an interrupted save never leaves a broken ``model.pt``.
     The best value and its epoch go to ``<filename stem>_metric.json`` beside it; a resumed run
-    (``resume=True``) starts from that value, so it only replaces the model with a better one.
+    (``resume=True``) starts from that value, so it only replaces the model with a better one. With ``settings``
+    (the config's ``model_settings``), ``model_settings.json`` is written beside the model each time it is saved
+    (:mod:`scripts.model_settings`).
     """
 
     def __init__(
@@ -301,8 +305,10 @@ class BestModelSaver:
         metric_name: str,
         filename: str = "model.pt",
         resume: bool = False,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.network = network
+        self.settings = settings
         self.path = Path(save_dir) / filename
         self.metric_path = self.path.with_name(f"{self.path.stem}_metric.json")
         self.metric_name = metric_name
@@ -320,6 +326,8 @@ class BestModelSaver:
         self.best = value
         network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
         atomic_save(network.state_dict(), self.path)
+        if self.settings is not None:
+            write_model_settings(self.path, self.settings)
         self.metric_path.write_text(json.dumps({self.metric_name: value, "epoch": engine.state.epoch}))
         logger.info("saved %s (%s %.4f)", self.path, self.metric_name, value)
 

@@ -256,6 +256,7 @@ def training_overrides(
     overrides.pop("train#dataset#data", None)
     overrides.pop("validate#dataset#data", None)
     overrides["records"] = [dict(r) for r in records]
+    overrides["overwrite"] = True  # a train request replaces the served model.pt by design
     overrides["test_fraction"] = 0.0
     if val_split is not None and val_split >= 0:  # MONAI Label's -1: keep the bundle's own val_fraction
         if not 0 < float(val_split) < 1:
