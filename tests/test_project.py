@@ -5,7 +5,8 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+import pytest
+from conftest import REPO_ROOT, tiny_datalist
 
 
 def _readme_shell_blocks() -> list[str]:
@@ -58,3 +59,26 @@ def test_metadata_declares_grades_as_output_channels():
     image = meta["network_data_format"]["inputs"]["image"]
     assert image["num_channels"] == 3 and image["spatial_shape"] == [128, 128]
     assert meta["version"] in meta["changelog"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> dict[str, str]:
+    datalist = tiny_datalist(tmp_path_factory.mktemp("workflow_data"), n_patients_per_grade=3, seed=0)
+    return {"train": str(datalist), "infer": str(datalist.parent / "dicom")}
+
+
+@pytest.mark.parametrize(
+    "config, workflow_type, data_id", [("train.yaml", "train", "datalist"), ("inference.yaml", "infer", "dataset_dir")]
+)
+def test_monai_workflow_properties_are_all_present(config, workflow_type, data_id, tiny_data):
+    """The model zoo's check: every property MONAI's ConfigWorkflow requires of a train/infer bundle has its id."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(REPO_ROOT / "bundle" / "configs" / config),
+        meta_file=str(REPO_ROOT / "bundle" / "configs" / "metadata.json"),
+        workflow_type=workflow_type,
+        **{data_id: tiny_data[workflow_type], "num_workers": 0, "val_fraction": 0.34, "test_fraction": 0.34},
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []

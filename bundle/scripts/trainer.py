@@ -175,7 +175,8 @@ class SDLTrainer(SupervisedTrainer):
 
     def _compute_losses(self, engine: SDLTrainer, images: list, labels: list) -> torch.Tensor:
         """Forward the pairs, fill ``engine.state.output`` and return the (undetached) total loss."""
-        out, net = _forward_pairs(engine.network, images)
+        # through the configured inferer (train#inferer), as SupervisedTrainer runs its forward
+        out, net = engine.inferer(images[0], lambda *batch: _forward_pairs(engine.network, list(batch)), *images[1:])
         letters = branch_letters(len(images))
         state: dict[str, Any] = {}
         preds = []
