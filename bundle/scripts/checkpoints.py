@@ -23,7 +23,7 @@ import os
 import re
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,14 @@ from ignite.engine import Engine, Events
 
 from scripts.flags import as_flag
 
-__all__ = ["ResumeCheckpointer", "atomic_save", "latest_checkpoint", "resume_handlers", "run_training"]
+__all__ = [
+    "ResumeCheckpointer",
+    "atomic_save",
+    "atomic_write_text",
+    "latest_checkpoint",
+    "resume_handlers",
+    "run_training",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +47,31 @@ PREFIX = "checkpoint"
 _EPOCH_IN_NAME = re.compile(r"epoch=(\d+)")
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename it: the file is whole or absent."""
+def _atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write`` a temporary file in the same folder, then rename it to ``path``: the file is whole or absent.
+
+    The temporary name holds the process id, so processes that write the same file at once (parallel tuning
+    trials) never write into each other's temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        torch.save(obj, partial)
+        write(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (:func:`_atomically`)."""
+    return _atomically(path, lambda partial: torch.save(obj, partial))
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`_atomically`)."""
+    return _atomically(path, lambda partial: partial.write_text(text))
 
 
 def _checkpoints(ckpt_dir: str | Path, prefix: str = PREFIX) -> list[tuple[int, Path]]:

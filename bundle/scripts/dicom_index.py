@@ -354,8 +354,8 @@ def _candidate_files(root: Path) -> tuple[list[str], list[dict[str, str]]]:
         kept = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):
             path = os.path.join(dirpath, name)
-            real = os.path.realpath(path)
-            if os.path.islink(path) and (real in walked or real == os.path.commonpath([real, here])):
+            real = os.path.realpath(path) if os.path.islink(path) else None
+            if real is not None and (real in walked or real == os.path.commonpath([real, here])):
                 problems.append(_skip(path, REASON_LINK_LOOP, f"links to {real}, which is already being walked"))
             else:
                 kept.append(name)

@@ -29,7 +29,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from scripts.checkpoints import atomic_write_text
 from scripts.flags import as_flag
+from scripts.grades import DEFAULT_LABEL_MAP
 
 __all__ = [
     "DEFAULTS",
@@ -59,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "hidden_size": 1024,
     "fusion": "concat",
     "fold_pooling": True,
-    "label_map": {"II": 0, "III": 1, "IV": 2},
+    "label_map": dict(DEFAULT_LABEL_MAP),
     "image_size": 128,
     "gaussian_kernel": None,
     "pretrained": False,
@@ -182,14 +184,7 @@ def write_model_settings(model_file: str | os.PathLike, settings: Mapping[str, A
     Training calls it right after it saves ``model.pt`` (``scripts.workflow.BestModelSaver``), so the file always
     describes the model beside it, also when a run into that folder fails before its first validation.
     """
-    path = Path(model_file).with_name(SETTINGS_FILE)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_text(settings_json(settings))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(settings_json(settings), Path(model_file).with_name(SETTINGS_FILE))
 
 
 def prepare_training_outputs(

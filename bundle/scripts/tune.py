@@ -39,6 +39,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from scripts.checkpoints import atomic_write_text
 from scripts.experiments import LEVELS, Experiment, RunSpec, format_metric, headline_metrics, metrics_table
 
 logger = logging.getLogger(__name__)
@@ -249,10 +250,8 @@ def _remove_checkpoints(run_dir: Path) -> None:
 
 
 def _write_json(path: Path, content: Mapping) -> None:
-    """Written to a temporary name and renamed: parallel processes read and rewrite these files."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(content, indent=2, default=str))
-    os.replace(temporary, path)
+    """Written atomically: parallel processes read and rewrite these files."""
+    atomic_write_text(json.dumps(content, indent=2, default=str), path)
 
 
 def run_trial(
@@ -323,10 +322,9 @@ def write_best_yaml(study: Any, path: Path) -> Path:
         f"(mean over {study.user_attrs.get('inner_folds', '?')} inner folds of the training patients).\n"
         "# Give it as the last config file: --config_file \"['bundle/configs/train.yaml','<this file>']\"\n"
     )
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(header + yaml.safe_dump(dict(best.params), sort_keys=False, default_flow_style=False))
-    os.replace(temporary, path)
-    return path
+    return atomic_write_text(
+        header + yaml.safe_dump(dict(best.params), sort_keys=False, default_flow_style=False), path
+    )
 
 
 def write_plots(study: Any, output_dir: Path, objective: str) -> list[str]:
@@ -421,9 +419,7 @@ def write_results(study: Any, output_dir: Path, storage: str, final: Mapping | N
     if summary["plots"]:  # last, so that `run report`, which links copies of them, puts them under this heading
         lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in summary["plots"]] + [""]
     _write_json(output_dir / "summary.json", summary)
-    temporary = output_dir / f".summary.md.{os.getpid()}"
-    temporary.write_text("\n".join(lines))
-    os.replace(temporary, output_dir / "summary.md")
+    atomic_write_text("\n".join(lines), output_dir / "summary.md")
     logger.info("wrote %s and %d plot(s) in %s", "summary.md", len(summary["plots"]), output_dir)
     return summary
 
