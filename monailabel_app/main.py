@@ -20,7 +20,8 @@ import logging
 import os
 from typing import Any
 
-from lib.grading import MODEL_NAME, resolve_bundle_path, select_models
+from fastapi import HTTPException
+from lib.grading import MODEL_NAME, infer_request_problem, resolve_bundle_path, select_models
 from lib.infer import SDLGliomaInfer
 from lib.train import SDLGliomaTrain
 from monailabel.config import settings
@@ -82,6 +83,13 @@ class SDLGliomaApp(MONAILabelApp):
             grade_column=self.conf.get("grade_column", "Grade"),
         )
         return {MODEL_NAME: task}
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """A request for an unknown model or image, or for a resume checkpoint, gets a 4xx naming it, not a 500."""
+        problem = infer_request_problem(request, self._infers, datastore or self.datastore())
+        if problem:
+            raise HTTPException(status_code=problem[0], detail=problem[1])
+        return super().infer(request, datastore)
 
     def info(self) -> dict[str, Any]:
         """MONAI Label's app info plus where the bundle and the grades come from."""

@@ -152,6 +152,64 @@ def test_inference_on_a_tree_grades_every_selected_slice_and_series(trained, tin
     assert "localizer" in skipped and "not_sagittal" in skipped
 
 
+def _colour_copy(source: str, target: Path) -> Path:
+    """A copy of a slice stored as RGB: it passes the indexer (headers only) but the reader refuses it."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    grey = ds.pixel_array.astype("uint8")
+    ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = grey.repeat(3).tobytes()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+    return target
+
+
+def test_a_slice_that_cannot_be_loaded_is_skipped_listed_and_training_goes_on(tmp_path, data_args):
+    records = json.loads(Path(data_args[1]).read_text())
+    colour = _colour_copy(records[0]["image"], tmp_path / "colour.dcm")
+    gone = tmp_path / "deleted_since_indexing.dcm"
+    records[0] = {**records[0], "image": str(colour)}
+    records[1] = {**records[1], "image": str(gone)}
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(records))
+    log = bundle_run(
+        "training", TRAIN, "--datalist", str(datalist), *SMALL, "--epochs", "1", "--bundle_root", str(tmp_path)
+    )
+    assert "Epoch[1] Complete" in log and (tmp_path / "models" / "model.pt").is_file()
+    assert f"skipped {colour}" in log
+    rows = {row["path"]: row for row in csv.DictReader(open(tmp_path / "eval" / "skipped_loading.csv"))}
+    assert set(rows) == {str(colour), str(gone)}
+    assert {row["reason"] for row in rows.values()} == {"load_failed"}
+    assert "PhotometricInterpretation 'RGB'" in rows[str(colour)]["detail"]
+    assert "FileNotFoundError" in rows[str(gone)]["detail"] or "No such file" in rows[str(gone)]["detail"]
+
+
+def test_inference_grades_the_good_slices_of_a_series_and_lists_the_others(trained, data_args, tmp_path):
+    """A series holding a multi-frame MR and a slice the reader cannot decode beside good slices."""
+    import pydicom
+
+    records = json.loads(Path(data_args[1]).read_text())
+    series = [r for r in records if r["series_uid"] == records[0]["series_uid"]]
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i, record in enumerate(series):
+        (folder / f"{i}.dcm").write_bytes(Path(record["image"]).read_bytes())
+    enhanced = pydicom.dcmread(series[0]["image"])
+    enhanced.NumberOfFrames, enhanced.PixelData = 2, enhanced.PixelData * 2
+    enhanced.SOPInstanceUID = pydicom.uid.generate_uid()
+    enhanced.save_as(folder / "multi_frame.dcm")
+    _colour_copy(series[0]["image"], folder / "colour.dcm")
+    out = tmp_path / "out"
+    bundle_run("inference", INFERENCE, "--input", str(folder), "--output_dir", str(out), "--bundle_root", str(trained))
+    graded = {Path(s["image"]).name for s in json.loads((out / "predictions.json").read_text())["slices"]}
+    assert graded == {f"{i}.dcm" for i in range(len(series))}
+    reasons = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(open(out / "skipped.csv"))}
+    assert reasons == {"multi_frame.dcm": "multi_frame", "colour.dcm": "load_failed"}
+
+
 def test_resume_continues_at_the_next_epoch(tmp_path, data_args):
     root = str(tmp_path)
     small = [*data_args, *SMALL, "--bundle_root", root, "--backbone", "resnet18"]

@@ -71,6 +71,18 @@ def bundle_with_model(tmp_path) -> Path:
     return tmp_path
 
 
+def test_the_debug_switch(monkeypatch):
+    from scripts.errors import debug_requested
+
+    monkeypatch.delenv("SDL_GLIOMA_TRACEBACK", raising=False)
+    assert not debug_requested(["run", "training", "--epochs", "2"])
+    assert not debug_requested(["run", "training", "--debug", "false"])
+    assert debug_requested(["run", "training", "--debug", "true", "--epochs", "2"])
+    assert debug_requested(["run", "training", "--debug=True"])
+    monkeypatch.setenv("SDL_GLIOMA_TRACEBACK", "1")
+    assert debug_requested(["run", "training"])
+
+
 def test_a_tree_without_t1_sagittal_slices(axial_only, bundle_with_model):
     tmp_path = bundle_with_model
     line = _bundle_fails(
@@ -106,3 +118,13 @@ def test_a_missing_datalist(tmp_path):
     missing = tmp_path / "datalist.json"
     line = _bundle_fails("training", "--config_file", TRAIN, "--datalist", str(missing))
     assert str(missing) in line and "does not exist" in line
+
+
+def test_debug_true_prints_the_traceback_of_an_expected_error(tmp_path):
+    missing = tmp_path / "datalist.json"
+    env = {k: v for k, v in os.environ.items() if k != "SDL_GLIOMA_TRACEBACK"}
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
+    command += ["--datalist", str(missing), "--debug", "true"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and str(missing) in result.stderr

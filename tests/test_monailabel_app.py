@@ -31,6 +31,7 @@ from monailabel_app.lib.grading import (  # noqa: E402  (needs the repository ro
     build_records,
     datastore_items,
     format_prediction,
+    infer_request_problem,
     parse_grade_text,
     resolve_bundle_path,
     select_models,
@@ -210,6 +211,20 @@ def test_resolve_bundle_path_and_models(tmp_path):
         select_models("segmentation_spleen")
 
 
+def test_infer_requests_the_app_cannot_answer_get_a_4xx_naming_the_cause(datastore, tmp_path):
+    ok = {"model": MODEL_NAME, "image": "a"}
+    assert infer_request_problem(ok, [MODEL_NAME], datastore) is None
+    assert infer_request_problem({**ok, "image": datastore.images["b"]}, [MODEL_NAME], datastore) is None
+    assert infer_request_problem({**ok, "model_filename": "model.pt"}, [MODEL_NAME], datastore) is None
+    status, message = infer_request_problem({**ok, "image": "no-such-id"}, [MODEL_NAME], datastore)
+    assert status == 404 and "'no-such-id'" in message
+    status, message = infer_request_problem({**ok, "model": "segmentation"}, [MODEL_NAME], datastore)
+    assert status == 404 and "'segmentation'" in message and MODEL_NAME in message
+    status, message = infer_request_problem({**ok, "model_filename": "checkpoint_epoch=3.pt"}, [MODEL_NAME], datastore)
+    assert status == 400 and "checkpoint_epoch=3.pt" in message
+    assert infer_request_problem({**ok, "image": ""}, [MODEL_NAME], datastore)[0] == 400
+
+
 def test_make_demo_studies(tmp_path):
     summary = make_demo_studies(tmp_path, patients_per_grade=1, slices_per_patient=1, image_size=(48, 48))
     files = sorted(p.name for p in tmp_path.glob("*.dcm"))
@@ -279,6 +294,7 @@ def test_infer_task_grades_a_slice(serving_bundle, tmp_path, keep_scripts_module
     image = str(tmp_path / f"{summary['image_ids']['IV'][0]}.dcm")
     task = SDLGliomaInfer(str(serving_bundle), {})
     assert task.is_valid() and task.type == "classification"
+    assert task.config()["model_filename"] == ["model.pt"]  # never a resume checkpoint
     label_file, result = task({"image": image, "device": "cpu"})
 
     assert label_file is None

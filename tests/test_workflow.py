@@ -1,6 +1,8 @@
+import csv
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from scripts.workflow import BestModelSaver, load_datalist, resolve_datalist
@@ -47,8 +49,36 @@ def test_datalist_errors_name_the_file_and_the_problem(tmp_path):
         resolve_datalist(dataset_dir=str(tmp_path))
 
 
+def _slice(path) -> str:
+    from scripts.synthetic_dicom import write_mr_slice
+
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    return str(write_mr_slice(path, pixels, patient_id="P1", study_uid="2.25.1", series_uid="2.25.2"))
+
+
 def test_datalist_in_monai_training_form_is_accepted_and_keeps_the_source_path(tmp_path):
+    image = _slice(tmp_path / "a.dcm")
     path = tmp_path / "d.json"
-    path.write_text(json.dumps({"training": [{"image": "a.dcm", "label": 1, "patient_id": "P1"}]}))
+    path.write_text(json.dumps({"training": [{"image": image, "label": 1, "patient_id": "P1"}]}))
     records = resolve_datalist(datalist=str(path))
-    assert records == [{"image": "a.dcm", "label": 1, "patient_id": "P1", "image_path": "a.dcm"}]
+    assert records == [{"image": image, "label": 1, "patient_id": "P1", "image_path": image}]
+
+
+def test_slices_that_cannot_be_loaded_are_left_out_and_listed(tmp_path, caplog):
+    good = _slice(tmp_path / "good.dcm")
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not a DICOM file at all")
+    records = [{"image": p, "label": 0, "patient_id": "P1"} for p in (good, str(garbage), str(tmp_path / "gone.dcm"))]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records))
+    skipped_csv = tmp_path / "out" / "skipped_loading.csv"
+    with caplog.at_level("WARNING"):
+        kept = resolve_datalist(datalist=str(path), skipped_csv=str(skipped_csv))
+    assert [r["image"] for r in kept] == [good]
+    rows = list(csv.DictReader(open(skipped_csv)))
+    assert [r["path"] for r in rows] == [str(garbage), str(tmp_path / "gone.dcm")]
+    assert {r["reason"] for r in rows} == {"load_failed"}
+    assert all(r["detail"] for r in rows) and f"skipped {garbage}" in caplog.text
+    path.write_text(json.dumps(records[1:]))
+    with pytest.raises(ValueError, match=r"none of the 2 records .* can be loaded; reasons in .*skipped_loading.csv"):
+        resolve_datalist(datalist=str(path), skipped_csv=str(skipped_csv))

@@ -47,7 +47,7 @@ PREFIX = "checkpoint"
 _EPOCH_IN_NAME = re.compile(r"epoch=(\d+)")
 
 
-def _atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """``write`` a temporary file in the same folder, then rename it to ``path``: the file is whole or absent.
 
     The temporary name holds the process id, so processes that write the same file at once (parallel tuning
@@ -65,13 +65,13 @@ def _atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically (:func:`_atomically`)."""
-    return _atomically(path, lambda partial: torch.save(obj, partial))
+    """``torch.save`` ``obj`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda partial: torch.save(obj, partial))
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`_atomically`)."""
-    return _atomically(path, lambda partial: partial.write_text(text))
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda partial: partial.write_text(text))
 
 
 def _checkpoints(ckpt_dir: str | Path, prefix: str = PREFIX) -> list[tuple[int, Path]]:

@@ -84,10 +84,13 @@ def render_report(report: dict[str, Any]) -> str:
 
 def write_skipped_csv(skipped: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Write skipped files as CSV (``path,reason,detail``), the machine-readable twin of the report."""
-    path = Path(path)
-    # errors=backslashreplace: a file name that is not UTF-8 (surrogate escapes in Python) is written escaped (\udcNN)
-    with path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "reason", "detail"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(skipped)
-    return path
+    from .checkpoints import atomic_write
+
+    def write(partial: Path) -> None:
+        # errors=backslashreplace: a file name that is not UTF-8 (surrogate escapes in Python) is written escaped
+        with partial.open("w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "reason", "detail"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(skipped)
+
+    return atomic_write(path, write)  # whole or absent, also when several processes (ranks) write it

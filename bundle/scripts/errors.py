@@ -9,7 +9,8 @@ module (``imports: - $import scripts.errors``), which replaces the process's ``s
   that contradict the model), anywhere in the exception's chain, is printed as ``error: <its message>`` and a
   line saying where the full traceback was written (:data:`LOG_FILE`). The process still exits with status 1.
 * Every other exception keeps its full traceback: it is a bug or something the bundle did not foresee.
-* ``SDL_GLIOMA_TRACEBACK=1`` prints the full traceback of expected errors too.
+* The debug switch, ``--debug true`` on the command line or ``SDL_GLIOMA_TRACEBACK=1`` in the environment,
+  prints the full traceback of expected errors too.
 
 Nothing changes for code that imports ``scripts`` as a library (tests, the Deploy and MONAI Label apps, a
 notebook): only a process that ends on an uncaught exception reaches ``sys.excepthook``.
@@ -24,7 +25,7 @@ import traceback
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["LOG_FILE", "expected_error", "install"]
+__all__ = ["LOG_FILE", "debug_requested", "expected_error", "install"]
 
 LOG_FILE = Path(tempfile.gettempdir()) / "sdl_glioma_last_error.log"
 _SCRIPTS_DIR = Path(__file__).resolve().parent
@@ -52,9 +53,26 @@ def expected_error(error: BaseException) -> BaseException | None:
     return found
 
 
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """``--debug true`` (or ``--debug=true``) among the command's arguments, or ``SDL_GLIOMA_TRACEBACK`` set.
+
+    Read from the command line itself because the error may come before, or from, parsing the config.
+    """
+    if os.environ.get("SDL_GLIOMA_TRACEBACK", "") not in ("", "0"):
+        return True
+    args = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(args):
+        value = arg.partition("=")[2] if arg.startswith("--debug=") else None
+        if arg == "--debug":
+            value = args[i + 1] if i + 1 < len(args) else "true"
+        if value is not None and value.strip().lower() in ("true", "1", "yes"):
+            return True
+    return False
+
+
 def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
     expected = expected_error(error)
-    if expected is None or os.environ.get("SDL_GLIOMA_TRACEBACK", "") not in ("", "0"):
+    if expected is None or debug_requested():
         sys.__excepthook__(kind, error, tb)
         return
     try:
@@ -63,7 +81,7 @@ def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackTy
     except OSError:
         where = "the traceback could not be written to a file"
     print(f"error: {expected}", file=sys.stderr)
-    print(f"({where}; SDL_GLIOMA_TRACEBACK=1 prints it here)", file=sys.stderr)
+    print(f"({where}; --debug true prints it here)", file=sys.stderr)
 
 
 def install() -> None:

@@ -26,7 +26,6 @@ because one corrupt JPG in thousands should not stop a run.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections import Counter
@@ -38,6 +37,8 @@ from typing import Any
 from monai.data import ImageReader, PILReader
 from monai.utils import ensure_tuple
 from PIL import Image
+
+from scripts.datalist_report import write_skipped_csv
 
 __all__ = [
     "GREY_MODES",
@@ -262,13 +263,6 @@ def index_image_folder(
     return ImageFolderIndex(records=records, label_map=label_map, skipped=skipped, predefined_split=has_split)
 
 
-def _write_skipped(skipped: Sequence[dict], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:  # any file name
-        writer = csv.DictWriter(f, fieldnames=["path", "reason"])
-        writer.writeheader()
-        writer.writerows(skipped)
-
-
 def write_image_datalist(
     image_folder: str | Path,
     output: str | Path | None = None,
@@ -285,7 +279,7 @@ def write_image_datalist(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(index.records, indent=1))
     skipped_csv = output.with_name(f"{output.stem}_skipped.csv")
-    _write_skipped(index.skipped, skipped_csv)
+    write_skipped_csv(index.skipped, skipped_csv)
     logger.info("wrote %s (%d images) and %s", output, len(index.records), skipped_csv)
     return index.records
 
@@ -369,7 +363,7 @@ def image_inference_records(input_path: str | Path, output_dir: str | Path) -> l
         records.append({"image": str(file), "image_path": str(file), "patient_id": pseudo_id, "series_uid": pseudo_id})
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_skipped(skipped, out / "skipped.csv")
+    write_skipped_csv(skipped, out / "skipped.csv")
     if not records:
         raise ValueError(f"no readable image ({', '.join(IMAGE_SUFFIXES)}) in {path}; see {out / 'skipped.csv'}")
     logger.info("inference input %s: %d images, %d files skipped", path, len(records), len(skipped))

@@ -25,6 +25,7 @@ REASON_DICOMDIR = "dicomdir"
 REASON_MULTI_FRAME = "multi_frame"
 REASON_UNLISTABLE = "folder_unreadable"
 REASON_LINK_LOOP = "link_loop"
+REASON_LOAD_FAILED = "load_failed"
 
 REASON_DESCRIPTIONS: dict[str, str] = {
     REASON_NOT_DICOM: "not a DICOM file",
@@ -45,4 +46,5 @@ REASON_DESCRIPTIONS: dict[str, str] = {
     REASON_MULTI_FRAME: "multi-frame (enhanced) MR: one file holds many frames; only single-slice files are graded",
     REASON_UNLISTABLE: "a folder that cannot be listed (e.g. no read permission): its files were not indexed",
     REASON_LINK_LOOP: "a symbolic link to a folder walked anyway (a loop, or a second link to it): not followed again",
+    REASON_LOAD_FAILED: "selected, but its pixels could not be loaded when the run read them (detail: the error)",
 }

@@ -30,6 +30,7 @@ converted to one grey channel (:func:`scripts.image_folder.to_grey`) before the 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -43,6 +44,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    LoadImage,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
@@ -66,12 +68,15 @@ __all__ = [
     "is_random",
     "opencv_sigma",
     "preprocessing_transforms",
+    "split_loadable",
     "training_transforms",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUPPORTED_GAUSSIAN_KERNELS = (3, 5, 7)
+
+logger = logging.getLogger(__name__)
 
 
 def opencv_sigma(kernel_size: int) -> float:
@@ -135,6 +140,36 @@ def _reader(name: str) -> ImageReader:
     if name == "pil":
         return PILReader(converter=to_grey)  # reverse_indexing=True: (x=width, y=height) like DICOM
     raise ValueError(f"unknown reader {name!r}; choose one of {READERS}")
+
+
+def split_loadable(
+    records: Sequence[Mapping[str, Any]], reader: str = "auto", key: str = "image"
+) -> tuple[list[dict], list[dict[str, str]]]:
+    """The records whose ``key`` file the chain's reader decodes, and a skip row for each one it cannot.
+
+    The indexer checks headers and pixel-data lengths but never decodes, so a corrupt compressed stream, a
+    colour image, or a file changed or deleted since indexing would otherwise stop a run at the first batch
+    (or while the cache fills). Each file is decoded once here, with the reader the chain uses; a failure is
+    logged with the file and the error and becomes a row (``path``, ``reason`` = ``load_failed``, ``detail``)
+    for the run's skipped-files CSV, and the run goes on with the others.
+    """
+    from scripts.skip_reasons import REASON_LOAD_FAILED
+
+    load = LoadImage(reader=_reader(reader), image_only=True)
+    kept, failed = [], []
+    for record in records:
+        path = record[key]
+        try:
+            load(path)
+        except Exception as error:  # noqa: BLE001 - any decoder's failure means this one slice is unusable
+            message = str(error).replace(str(path), "").strip(" :") or type(error).__name__
+            failed.append({"path": str(path), "reason": REASON_LOAD_FAILED, "detail": message})
+            logger.warning("skipped %s: it cannot be loaded (%s)", path, message)
+        else:
+            kept.append(dict(record))
+    if failed:
+        logger.warning("%d of %d slices could not be loaded and were skipped", len(failed), len(records))
+    return kept, failed
 
 
 def preprocessing_transforms(

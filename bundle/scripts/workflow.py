@@ -64,8 +64,9 @@ def resolve_datalist(
     include_post_contrast: bool = True,
     demo_cache_dir: str | None = None,
     image_folder: str | None = None,
+    skipped_csv: str | None = None,
 ) -> list[dict]:
-    """The records a run trains and evaluates on, from the first source given.
+    """The records a run trains and evaluates on, from the first source given, less any that cannot be loaded.
 
     1. ``datalist``: a JSON written by ``run indexing`` (or by hand);
     2. ``image_folder``: a folder-per-class PNG/JPG dataset (``scripts.image_folder``) indexed now, its
@@ -73,13 +74,42 @@ def resolve_datalist(
     3. ``dataset_dir`` + ``grades_csv``: a DICOM tree indexed now, its datalist and report written to
        ``index_output`` (default: ``<dataset_dir>_datalist.json`` beside the tree);
     4. nothing: the synthetic demo dataset, generated on first use into a cache folder.
+
+    Every slice is decoded once (:func:`scripts.transforms.split_loadable`); one that cannot be is left out,
+    logged, and listed in ``skipped_csv`` (``path,reason,detail``, written whenever given), so one bad file
+    never stops a run.
     """
+    records = _resolve_sources(
+        datalist, dataset_dir, grades_csv, index_output, patient_column, grade_column, label_map, grade_aliases,
+        include_post_contrast, demo_cache_dir, image_folder,
+    )  # fmt: skip
+    return _loadable(_with_image_path(records), skipped_csv, what=f"records of {datalist or dataset_dir or 'the demo'}")
+
+
+def _loadable(records: list[dict], skipped_csv: str | Path | None, what: str, skipped: Sequence = ()) -> list[dict]:
+    """``records`` less those whose image cannot be decoded; the skip rows (after ``skipped``) go to ``skipped_csv``."""
+    from scripts.datalist_report import write_skipped_csv
+    from scripts.transforms import split_loadable
+
+    kept, failed = split_loadable(records)
+    if skipped_csv:
+        write_skipped_csv([*skipped, *failed], skipped_csv)
+    if records and not kept:
+        where = f"; reasons in {skipped_csv}" if skipped_csv else ""
+        raise ValueError(f"none of the {len(records)} {what} can be loaded{where}")
+    return kept
+
+
+def _resolve_sources(
+    datalist, dataset_dir, grades_csv, index_output, patient_column, grade_column, label_map, grade_aliases,
+    include_post_contrast, demo_cache_dir, image_folder,
+) -> list[dict]:  # fmt: skip
     from scripts.dicom_index import write_datalist
 
     if datalist:
         records = load_datalist(datalist)
         logger.info("using datalist %s: %d slices", datalist, len(records))
-        return _with_image_path(records)
+        return records
     if image_folder:
         if dataset_dir is not None or grades_csv is not None:
             raise ValueError(
@@ -88,7 +118,7 @@ def resolve_datalist(
             )
         from scripts.image_folder import write_image_datalist
 
-        return _with_image_path(write_image_datalist(image_folder, index_output, label_map))
+        return write_image_datalist(image_folder, index_output, label_map)
     if dataset_dir is None and grades_csv is not None:
         raise ValueError(f"grades_csv {grades_csv} was given without --dataset_dir (the DICOM tree to index)")
     if dataset_dir is not None and grades_csv is None:
@@ -114,7 +144,7 @@ def resolve_datalist(
         grade_aliases=grade_aliases,
         include_post_contrast=include_post_contrast,
     )
-    return _with_image_path(records)
+    return records
 
 
 def inference_records(
@@ -122,11 +152,12 @@ def inference_records(
 ) -> list[dict]:
     """T1-weighted sagittal slices of a DICOM file, series folder or tree, selected as the indexer does.
 
-    Files left out are listed in ``output_dir/skipped.csv`` with their reasons, so a user who expected a
-    slice to be graded can see why it was not. ``images=True`` (a model trained on an image folder) takes
+    Files left out, at selection or because their pixels cannot be decoded, are listed in
+    ``output_dir/skipped.csv`` with their reasons, so a user who expected a slice to be graded can see why it
+    was not; the others are graded. ``images=True`` (a model trained on an image folder) takes
     a PNG/JPG file or every image below a folder instead (``scripts.image_folder.image_inference_records``).
     """
-    from scripts.dicom_index import select_t1_sagittal, write_skipped_csv
+    from scripts.dicom_index import select_t1_sagittal
 
     if not input_path:
         raise ValueError("inference needs --input: a DICOM file, a series folder or a DICOM tree")
@@ -135,18 +166,17 @@ def inference_records(
 
         return image_inference_records(input_path, output_dir)
     result = select_t1_sagittal(input_path, include_post_contrast=include_post_contrast)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_skipped_csv(result.skipped, out / "skipped.csv")
-    if not result.slices:
+    skipped_csv = Path(output_dir) / "skipped.csv"
+    slices = _loadable(_with_image_path(result.slices), skipped_csv, f"selected slices of {input_path}", result.skipped)
+    if not slices:
         raise ValueError(
             f"no T1-weighted sagittal MR slice found in {input_path} ({len(result.skipped)} files skipped; "
-            f"reasons in {out / 'skipped.csv'})"
+            f"reasons in {skipped_csv})"
         )
     logger.info(
-        "inference input %s: %d slices selected, %d files skipped", input_path, len(result.slices), len(result.skipped)
+        "inference input %s: %d slices to grade, %d files skipped", input_path, len(slices), len(result.skipped)
     )
-    return _with_image_path(result.slices)
+    return slices
 
 
 class ScalarOutputs:

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FINAL_TAG",
     "GRADE_KEYS",
+    "MODEL_FILE",
     "MODEL_NAME",
     "TRAIN_DEFAULTS",
     "TRAIN_REQUEST_KEYS",
@@ -40,6 +41,7 @@ __all__ = [
     "dicom_patient_id",
     "format_prediction",
     "grade_of",
+    "infer_request_problem",
     "parse_grade_text",
     "resolve_bundle_path",
     "select_models",
@@ -47,6 +49,7 @@ __all__ = [
 ]
 
 MODEL_NAME = "sdl_glioma"
+MODEL_FILE = "model.pt"  # the only file served: checkpoint_*.pt beside it are resume checkpoints, not models
 FINAL_TAG = "final"  # MONAI Label's tag for a curated label (DefaultLabelTag.FINAL)
 GRADE_KEYS = ("grade", "label", "result", "class")  # keys a JSON label file or an info dict may hold the grade in
 # Defaults of a train request that leaves them out. MONAI Label's server does not merge a trainer's config() into
@@ -98,6 +101,33 @@ def select_models(conf_value: str | None, available: Sequence[str] = (MODEL_NAME
     if unknown:
         raise ValueError(f"unknown model(s) {unknown} in --conf models; available: {', '.join(available)} or all")
     return names
+
+
+def infer_request_problem(
+    request: Mapping[str, Any], models: Iterable[str], datastore: DatastoreLike
+) -> tuple[int, str] | None:
+    """``(HTTP status, message)`` for an infer request the app cannot answer, or None when it can.
+
+    MONAI Label 0.8.5 answers a request for an unknown model or image id with a bare HTTP 500: an image id
+    that is not in the datastore becomes an empty path, and the server then reads its own working folder as a
+    DICOM series. Checked before the request reaches MONAI Label, so the client learns what to fix (404: no
+    such model or image; 400: a model file other than ``model.pt``).
+    """
+    models = list(models)
+    model = request.get("model")
+    if model not in models:
+        return 404, f"no model {model!r} here; this app serves: {', '.join(models) or 'none'}"
+    filename = request.get("model_filename")
+    if filename not in (None, "", MODEL_FILE):
+        return 400, f"model_filename {filename!r} cannot be served: only {MODEL_FILE} is a model"
+    image = request.get("image")
+    if not isinstance(image, str):
+        return None  # an image already loaded by the caller (MONAI Label's own API)
+    if not image:
+        return 400, "no image given: pass ?image=<image id of the datastore>"
+    if Path(image).is_file() or image in datastore.list_images():
+        return None
+    return 404, f"no image {image!r} in the datastore (and no such file)"
 
 
 def parse_grade_text(text: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
-from .grading import format_prediction
+from .grading import MODEL_FILE, format_prediction
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ class SDLGliomaInfer(BundleInferTask):
         self.class_names: list[str] = []
         if self.is_valid():
             self.class_names = [str(c) for c in self.bundle_config.get_parsed_content("class_names")]
+            # MONAI Label offers every models/*.pt as a choice; the resume checkpoints there are not models
+            self._config["model_filename"] = [MODEL_FILE]
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[None, dict]:
         """No label file (a grade is not an image); the JSON holds MONAI Label's ``prediction`` list and the grade."""
