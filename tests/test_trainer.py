@@ -41,7 +41,6 @@ class PairDataset(Dataset):
         for k, letter in enumerate(self.letters):
             item[f"image_{letter}"] = self.images[idx, k]
             item[f"label_{letter}"] = self.labels[idx, k]
-        item["synergic_label"] = (self.labels[idx, 0] == self.labels[idx, 1]).float()
         return item
 
 

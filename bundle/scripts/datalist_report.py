@@ -11,10 +11,6 @@ from typing import Any
 from .skip_reasons import REASON_DESCRIPTIONS
 
 
-def _md(value: Any) -> str:
-    return str("" if value is None else value).replace("|", "\\|").replace("\n", " ")
-
-
 def _relative(path: str, root: str) -> str:
     try:
         return os.path.relpath(path, root)
@@ -24,10 +20,9 @@ def _relative(path: str, root: str) -> str:
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     """A Markdown table, or "None." when there are no rows."""
-    if not rows:
-        return ["None."]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return lines + ["| " + " | ".join(_md(v) for v in row) + " |" for row in rows]
+    from .reports import markdown_table
+
+    return markdown_table(columns, rows) if rows else ["None."]
 
 
 def _section(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

@@ -42,12 +42,15 @@ from monai.deploy.operators import (
     InferenceOperator,
     ModelInfo,
 )
+from monai.inferers import SimpleInferer
 from monai.transforms import Compose, LoadImaged
 from pydicom.uid import generate_uid
 
-from scripts.dicom_index import REASON_DUPLICATE, REASON_UNREADABLE, inspect_file
+from scripts.dicom_index import REASON_UNREADABLE, first_of_each_instance, inspect_file
 from scripts.dicom_reader import DicomSliceReader
 from scripts.model_settings import DEFAULTS, read_model_settings
+from scripts.network import load_state_dict_file
+from scripts.tta import FlipTTAInferer
 
 __all__ = [
     "GRADE_JSON",
@@ -185,11 +188,7 @@ def _load_bundle(path: Path, device: torch.device) -> tuple[torch.nn.Module, dic
     meta = ConfigParser.load_config_file(str(meta_file))
     settings = read_model_settings(weights)
     network = _parser(config, meta, settings).get_parsed_content("network_def")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # a trainer checkpoint nests the weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    network.load_state_dict(state)
+    network.load_state_dict(load_state_dict_file(weights))  # a trainer checkpoint's weights are unwrapped too
     return network.to(device), meta, config, weights, settings
 
 
@@ -216,7 +215,7 @@ def load_grading_model(model_path: str | Path, device: torch.device | None = Non
     preprocessing = _without_loader(parser.get_parsed_content("preprocessing"))
     tta_flip = False
     if parser.get("tta_flip") is not None:  # configs with the switch also have scripts.tta
-        from scripts.tta import as_flag
+        from scripts.flags import as_flag
 
         tta_flip = as_flag(parser.get_parsed_content("tta_flip"))
     network.eval()
@@ -267,25 +266,18 @@ def select_t1_sagittal_series(
         study_selection = StudySelectedSeries(study, metadata={"skipped": []})
         skipped = study_selection.metadata()["skipped"]
         for series in study.get_all_series():
-            kept: list[tuple[dict[str, Any], Any]] = []
-            seen_uids: dict[str, str] = {}
-            instances = [sop.get_native_sop_instance() for sop in series.get_sop_instances()]
-            for ds in sorted(instances, key=lambda d: str(getattr(d, "filename", "") or "")):
+            by_path: dict[str, Any] = {}
+            for sop in series.get_sop_instances():
+                ds = sop.get_native_sop_instance()
                 path = str(getattr(ds, "filename", "") or "")
                 if not path:
                     skipped.append({"path": "", "reason": REASON_UNREADABLE, "detail": "instance has no file path"})
                     continue
-                outcome = inspect_file(path, include_post_contrast)
-                if outcome.pop("kind") == "skip":
-                    skipped.append(outcome)
-                    continue
-                uid = outcome["sop_instance_uid"]
-                if uid and uid in seen_uids:
-                    detail = f"same SOPInstanceUID as kept file {seen_uids[uid]}"
-                    skipped.append({"path": path, "reason": REASON_DUPLICATE, "detail": detail})
-                    continue
-                seen_uids[uid] = path
-                kept.append((outcome, ds))
+                by_path[path] = ds
+            outcomes = [inspect_file(path, include_post_contrast) for path in sorted(by_path)]
+            slices, left_out = first_of_each_instance(outcomes)
+            skipped.extend(left_out)
+            kept = [(outcome, by_path[outcome["image"]]) for outcome in slices]
             if not kept:
                 continue
             kept.sort(key=lambda item: (_instance_number(item[1]), item[0]["image"]))
@@ -363,12 +355,9 @@ class SDLSliceGradingOperator(InferenceOperator):
         does (``scripts.tta``: the ensemble is linear in the branches, so averaging its two outputs is the same).
         """
         images = torch.as_tensor(data).to(self.model.device)
+        inferer = FlipTTAInferer() if self.model.tta_flip else SimpleInferer()
         with torch.no_grad():
-            out = self.model.network(images)
-            if self.model.tta_flip:
-                from scripts.tta import flip_images
-
-                out = (out + self.model.network(flip_images(images))) / 2
+            out = inferer(images, self.model.network)
         return out.detach().float().cpu()
 
     def post_process(self, data: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -86,6 +86,7 @@ __all__ = [
     "IndexResult",
     "build_datalist",
     "decoder_available",
+    "first_of_each_instance",
     "index_dicom_tree",
     "inspect_file",
     "render_report",
@@ -429,6 +430,32 @@ def _slice_sort_key(item: dict[str, Any]) -> tuple:
     )
 
 
+def first_of_each_instance(outcomes: Iterable[Mapping[str, Any]]) -> tuple[list[dict], list[dict[str, str]]]:
+    """Split :func:`inspect_file` outcomes into selected slices and skip rows, keeping one file per SOPInstanceUID.
+
+    The first selected file of a SOPInstanceUID wins (callers pass outcomes in path order); later copies are
+    skipped as duplicates, naming the kept file. Used by the indexer and by the Deploy app's series selector.
+    """
+    slices: list[dict] = []
+    skipped: list[dict[str, str]] = []
+    kept_by_uid: dict[str, str] = {}
+    for outcome in outcomes:
+        outcome = dict(outcome)
+        if outcome.pop("kind") == "skip":
+            skipped.append(outcome)
+            continue
+        uid = outcome["sop_instance_uid"]
+        if uid and uid in kept_by_uid:
+            skipped.append(
+                _skip(outcome["image"], REASON_DUPLICATE, f"same SOPInstanceUID as kept file {kept_by_uid[uid]}")
+            )
+            continue
+        if uid:
+            kept_by_uid[uid] = outcome["image"]
+        slices.append(outcome)
+    return slices, skipped
+
+
 def index_dicom_tree(
     root: str | Path, *, include_post_contrast: bool = True, workers: int | None = None
 ) -> IndexResult:
@@ -446,21 +473,11 @@ def index_dicom_tree(
 
     result = IndexResult(root=str(resolved), files_scanned=len(paths))
     result.skipped.extend(folders_not_walked)
-    kept_by_uid: dict[str, str] = {}
-    for outcome in outcomes:  # in sorted path order, so the first file of a duplicate set is kept
-        kind = outcome.pop("kind")
-        if kind == "skip":
-            result.skipped.append(outcome)
-            continue
-        uid = outcome["sop_instance_uid"]
-        if uid and uid in kept_by_uid:
-            detail = f"same SOPInstanceUID as kept file {kept_by_uid[uid]}"
-            result.skipped.append(_skip(outcome["image"], REASON_DUPLICATE, detail))
-            continue
-        if uid:
-            kept_by_uid[uid] = outcome["image"]
+    slices, skipped = first_of_each_instance(outcomes)  # outcomes are in sorted path order
+    result.skipped.extend(skipped)
+    for outcome in slices:
         if not outcome["patient_id"]:
-            outcome["patient_id"] = _patient_from_path(outcome["image"], resolved if resolved.is_dir() else resolved)
+            outcome["patient_id"] = _patient_from_path(outcome["image"], resolved)
         result.slices.append(outcome)
     result.slices.sort(key=_slice_sort_key)
     result.skipped.sort(key=lambda item: item["path"])

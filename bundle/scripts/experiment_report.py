@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from scripts.experiments import LEVELS, METRIC_NAMES, format_metric, headline_metrics, plot_sweep
-from scripts.reports import new_figure, save_figure
+from scripts.reports import markdown_table, new_figure, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -142,33 +142,32 @@ def plot_training_curves(scalars: Mapping[str, list[tuple[int, float]]], title: 
 
 
 def _comparison_table(evaluations: Mapping[str, Mapping], level: str) -> list[str]:
-    header = "| run | test slices | test patients | " + " | ".join(METRIC_NAMES) + " |"
-    lines = [header, "|---" * (len(METRIC_NAMES) + 3) + "|"]
-    for name, metrics in evaluations.items():
-        row = headline_metrics(metrics)[level]
-        cells = " | ".join(format_metric(row[m]) for m in METRIC_NAMES)
-        lines.append(f"| {name} | {metrics['n_slices']} | {metrics['n_patients']} | {cells} |")
-    return lines
+    rows = [
+        [name, metrics["n_slices"], metrics["n_patients"]]
+        + [format_metric(headline_metrics(metrics)[level][m]) for m in METRIC_NAMES]
+        for name, metrics in evaluations.items()
+    ]
+    return markdown_table(["run", "test slices", "test patients", *METRIC_NAMES], rows)
 
 
 def _per_class_table(evaluations: Mapping[str, Mapping], level: str) -> list[str]:
-    lines = ["| run | class | precision | recall | specificity | f1 |", "|---|---|---|---|---|---|"]
-    for name, metrics in evaluations.items():
-        entry = metrics[level]["ensemble"]
-        for class_name, values in entry["per_class"].items():
-            cells = " | ".join(format_metric(values.get(m)) for m in ("precision", "recall", "specificity", "f1"))
-            lines.append(f"| {name} | {class_name} | {cells} |")
-    return lines
+    measures = ("precision", "recall", "specificity", "f1")
+    rows = [
+        [name, class_name] + [format_metric(values.get(m)) for m in measures]
+        for name, metrics in evaluations.items()
+        for class_name, values in metrics[level]["ensemble"]["per_class"].items()
+    ]
+    return markdown_table(["run", "class", *measures], rows)
 
 
 def _branch_table(evaluations: Mapping[str, Mapping]) -> list[str]:
     """Each branch alone against their average: what the ensemble adds (slice level)."""
-    lines = ["| run | model | accuracy | macro AUC |", "|---|---|---|---|"]
-    for name, metrics in evaluations.items():
-        for model, entry in metrics["slice_level"].items():
-            accuracy, auc = format_metric(entry["accuracy"]), format_metric(entry["macro"]["auc"])
-            lines.append(f"| {name} | {model} | {accuracy} | {auc} |")
-    return lines
+    rows = [
+        [name, model, format_metric(entry["accuracy"]), format_metric(entry["macro"]["auc"])]
+        for name, metrics in evaluations.items()
+        for model, entry in metrics["slice_level"].items()
+    ]
+    return markdown_table(["run", "model", "accuracy", "macro AUC"], rows)
 
 
 def _experiment_section(summary_file: Path, runs_dir: Path, figures: Path) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.reports import new_figure, save_figure
+from scripts.reports import markdown_table, new_figure, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -210,10 +210,8 @@ def format_metric(value: float | None, std: float | None = None) -> str:
 
 def metrics_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], level: str) -> str:
     """A Markdown table: one line per run, one column per headline metric, at ``level``."""
-    lines = ["| run | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
-    for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(format_metric(row[level][m]) for m in METRIC_NAMES) + " |")
-    return "\n".join(lines)
+    table = [[name] + [format_metric(row[level][m]) for m in METRIC_NAMES] for name, row in rows.items()]
+    return "\n".join(markdown_table(["run", *METRIC_NAMES], table))
 
 
 def _write_summary(output_dir: Path, summary: dict, markdown: str) -> dict:

@@ -51,7 +51,7 @@ from monai.utils import convert_to_tensor
 from monai.visualize import GradCAM, blend_images
 from torch import nn
 
-from scripts.tta import as_flag
+from scripts.flags import as_flag
 
 __all__ = ["GradCAMWriter", "branch_cams", "default_target_layer", "overlay_image", "save_overlay"]
 
@@ -268,7 +268,7 @@ class GradCAMWriter:
         return self._cams
 
     def __call__(self, engine: Engine) -> None:
-        from scripts.trainer import _sdl_net
+        from scripts.trainer import sdl_net
 
         outputs, batch = engine.state.output, engine.state.batch
         if isinstance(outputs, dict):
@@ -282,7 +282,7 @@ class GradCAMWriter:
         chosen = list(range(min(remaining, len(per_slice))))
         if not chosen:
             return
-        net = _sdl_net(engine.network)
+        net = sdl_net(engine.network)
         images = torch.stack([convert_to_tensor(per_slice[i]["image"], track_meta=False) for i in chosen])
         if self.target_class == "ensemble":
             classes = torch.stack([torch.as_tensor(per_slice[i]["pred"]).argmax() for i in chosen])

@@ -37,7 +37,16 @@ from scripts.flags import as_flag
 from scripts.model_settings import settings_json
 from scripts.pool_fold import fold_backbone_pooling
 
-__all__ = ["BACKBONES", "FUSIONS", "GradientScale", "SDLBranch", "SDLNet", "SDLPairForward", "scale_gradient"]
+__all__ = [
+    "BACKBONES",
+    "FUSIONS",
+    "GradientScale",
+    "SDLBranch",
+    "SDLNet",
+    "SDLPairForward",
+    "load_state_dict_file",
+    "scale_gradient",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +139,7 @@ def _cached_weights_file(backbone: str) -> Path | None:
     return None
 
 
-def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state_dict saved with ``torch.save``; unwraps ``{"state_dict": ...}`` / ``{"model": ...}``."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
@@ -188,7 +197,7 @@ def _imagenet_state(backbone: str, weights_path: str | Path | None, download: bo
         source = _cached_weights_file(backbone)
     if source is not None:
         logger.info("Loading ImageNet weights for %s from %s.", backbone, source)
-        return _load_state_dict(source)
+        return load_state_dict_file(source)
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     if not download:

@@ -22,6 +22,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,17 @@ def new_figure(*args: object, **kwargs: object) -> tuple:
     import matplotlib.pyplot as plt
 
     return plt.subplots(*args, **kwargs)
+
+
+def markdown_cell(value: Any) -> str:
+    """A value as one Markdown table cell: ``|`` escaped, line breaks flattened, None empty."""
+    return str("" if value is None else value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines (header, rule, one line per row), every cell through :func:`markdown_cell`."""
+    lines = ["| " + " | ".join(markdown_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(markdown_cell(v) for v in row) + " |" for row in rows]
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:

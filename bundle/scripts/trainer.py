@@ -22,7 +22,7 @@ from scripts.flags import as_flag
 from scripts.network import SDLPairForward
 from scripts.pool_fold import check_optimizer
 
-__all__ = ["InverseTimeDecay", "SDLEvaluator", "SDLTrainer", "branch_letters", "paper_lr_scheduler"]
+__all__ = ["InverseTimeDecay", "SDLEvaluator", "SDLTrainer", "branch_letters", "paper_lr_scheduler", "sdl_net"]
 
 
 def branch_letters(num_branches: int) -> list[str]:
@@ -50,7 +50,7 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return getattr(network, "module", network)
 
 
-def _sdl_net(network: nn.Module) -> nn.Module:
+def sdl_net(network: nn.Module) -> nn.Module:
     """The bare SDLNet behind those wrappers and an ``SDLPairForward``."""
     network = _unwrap(network)
     return network.net if isinstance(network, SDLPairForward) else network
@@ -155,7 +155,7 @@ class SDLTrainer(SupervisedTrainer):
             accumulation_steps=accumulation_steps,
         )
         self.synergic_loss = nn.BCEWithLogitsLoss() if synergic_loss is None else synergic_loss
-        check_optimizer(_sdl_net(network), optimizer)  # a folded network needs its learning-rate groups
+        check_optimizer(sdl_net(network), optimizer)  # a folded network needs its learning-rate groups
         self.memory_format = memory_format(network, channels_last)
 
     def _to_device(self, engine: SDLTrainer, value: Any) -> Any:
@@ -215,7 +215,7 @@ class SDLTrainer(SupervisedTrainer):
             raise ValueError("Must provide batch data for current iteration.")
         batch = {k: self._to_device(engine, v) for k, v in batchdata.items()}
         letters = [c for c in string.ascii_lowercase if f"image_{c}" in batch]
-        if not letters and "image" in batch and getattr(_sdl_net(engine.network), "num_branches", 0) == 1:
+        if not letters and "image" in batch and getattr(sdl_net(engine.network), "num_branches", 0) == 1:
             # single-network baseline: plain {"image", "label"} batches (MONAI datasets of single slices)
             image = batch["image"]
             images = [image.as_tensor() if hasattr(image, "as_tensor") else image]
@@ -279,7 +279,7 @@ class SDLEvaluator(SupervisedEvaluator):
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0].contiguous(memory_format=engine.memory_format), batch[1]
-        net = _sdl_net(engine.network)
+        net = sdl_net(engine.network)
         with engine.mode(engine.network):
             if engine.amp:
                 with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs):

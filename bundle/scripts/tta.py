@@ -24,9 +24,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer, SimpleInferer
 
-from scripts.flags import as_flag
-
-__all__ = ["FlipTTAInferer", "as_flag", "flip_images"]
+__all__ = ["FlipTTAInferer", "flip_images"]
 
 
 def flip_images(images: torch.Tensor, spatial_axis: int = 0) -> torch.Tensor:

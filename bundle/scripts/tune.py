@@ -41,6 +41,7 @@ from ignite.engine import Engine, Events
 
 from scripts.checkpoints import atomic_write_text
 from scripts.experiments import LEVELS, Experiment, RunSpec, format_metric, headline_metrics, metrics_table
+from scripts.reports import markdown_table
 
 logger = logging.getLogger(__name__)
 
@@ -402,12 +403,12 @@ def write_results(study: Any, output_dir: Path, storage: str, final: Mapping | N
         write_best_yaml(study, output_dir / "best.yaml")
         keys = sorted({k for t in ranked for k in t.params})
         lines += [f"## Best trials (top {len(ranked)})", "", "`best.yaml` holds the first row's settings.", ""]
-        lines.append("| trial | " + objective + " | per inner fold | " + " | ".join(keys) + " |")
-        lines.append("|---" * (len(keys) + 3) + "|")
-        for t in ranked:
-            folds = ", ".join(f"{v:.3f}" for v in t.user_attrs.get("fold_values", []))
-            cells = " | ".join(_format_param(t.params.get(k)) for k in keys)
-            lines.append(f"| {t.number} | {t.value:.4f} | {folds} | {cells} |")
+        rows = [
+            [t.number, f"{t.value:.4f}", ", ".join(f"{v:.3f}" for v in t.user_attrs.get("fold_values", []))]
+            + [_format_param(t.params.get(k)) for k in keys]
+            for t in ranked
+        ]
+        lines += markdown_table(["trial", objective, "per inner fold", *keys], rows)
         lines.append("")
     else:
         lines += ["No trial has completed yet, so there is no `best.yaml`.", ""]
