@@ -34,9 +34,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.demo_data import default_cache_dir, ensure_demo_dataset  # noqa: E402
+from scripts.records import resolve_datalist  # noqa: E402
 from scripts.splits import make_splits  # noqa: E402
 from scripts.transforms import preprocessing_transforms  # noqa: E402
-from scripts.workflow import resolve_datalist  # noqa: E402
 
 SIZE = 128
 

@@ -12,6 +12,7 @@ from ignite.engine import Events
 from ignite.metrics import Accuracy
 from monai.engines.utils import IterationEvents
 from monai.handlers import LrScheduleHandler, from_engine
+from scripts.engine_metrics import engine_metrics, scalar_outputs
 from scripts.network import SDLNet
 from scripts.trainer import SDLEvaluator, SDLTrainer, paper_lr_scheduler
 from torch.utils.data import DataLoader, Dataset
@@ -61,7 +62,7 @@ def _loader(**kwargs) -> DataLoader:
 
 
 def test_two_epochs_output_and_events():
-    trainer = _trainer(_net(), _loader(length=8), max_epochs=2, decollate=False)
+    trainer = _trainer(_net(), _loader(length=8), max_epochs=2)
     counts: Counter = Counter()
     order: list[str] = []
     for event in (
@@ -112,26 +113,55 @@ def test_first_steps_update_both_branches_and_the_head():
     }
     before = {k: v.detach().clone() for k, v in tracked.items()}
     output = net.branches[0].classifier[1].weight
-    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1, decollate=False).run()
+    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1).run()
     assert output.abs().sum() > 0
     assert all(torch.equal(param, before[name]) for name, param in tracked.items())
-    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1, decollate=False).run()
+    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1).run()
     for name, param in tracked.items():
         assert not torch.equal(param, before[name]), name
 
 
-@pytest.mark.parametrize("decollate", [True, False])
-def test_ignite_accuracy_from_engine(decollate):
-    trainer = _trainer(_net(), _loader(length=8), decollate=decollate)
+@pytest.mark.parametrize("num_branches", [1, 2, 3])
+def test_training_metrics_from_one_factory_equal_the_step_outputs(num_branches):
+    """The trainer keeps its batched output dict, so ``from_engine`` and the factory's plain key lookups give each
+    epoch metric: checked against the outputs of every step, for N branches (1 = the single-network baseline)."""
+    loader = _loader(length=12, num_branches=num_branches)
+    if num_branches == 1:  # the baseline trains on plain image/label batches
+        loader = [{"image": b["image_a"], "label": b["label_a"]} for b in loader]
+    trainer = _trainer(_net(num_branches), loader)
     Accuracy(output_transform=from_engine(["pred", "label"])).attach(trainer, "train_acc")
-    if not decollate:  # decollated pred_a/label_a are padded with None past B: needs a None-aware transform
-        Accuracy(output_transform=from_engine(["pred_a", "label_a"])).attach(trainer, "acc_a")
+    for name, metric in engine_metrics("train", num_branches).items():
+        metric.attach(trainer, name)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
     trainer.run()
-    assert 0.0 <= trainer.state.metrics["train_acc"] <= 1.0
-    assert decollate or 0.0 <= trainer.state.metrics["acc_a"] <= 1.0
-    if decollate:  # per-sample dicts: N*B of them, scalars replicated
-        assert isinstance(trainer.state.output, list) and len(trainer.state.output) == 2 * BATCH
-        assert 0.0 <= float(trainer.state.output[0]["synergic_acc"]) <= 1.0
+    metrics = trainer.state.metrics
+    assert isinstance(trainer.state.output, dict) and len(outputs) == 3
+    synergic = {"train_synergic_acc", "train_synergic_bce"} if num_branches > 1 else set()
+    per_branch = {f"train_{kind}_branch{b}" for kind in ("acc", "ce") for b in range(1, num_branches + 1)}
+    assert set(metrics) == {"train_acc", "train_loss_epoch"} | per_branch | synergic
+
+    def mean_of(key: str) -> float:
+        return float(torch.stack([o[key] for o in outputs]).mean())
+
+    def accuracy_of(pred: str, label: str) -> float:
+        preds = torch.cat([o[pred].argmax(dim=1) for o in outputs])
+        return float((preds == torch.cat([o[label] for o in outputs])).float().mean())
+
+    assert metrics["train_loss_epoch"] == pytest.approx(mean_of("loss"), abs=1e-6)
+    assert metrics["train_acc"] == pytest.approx(accuracy_of("pred", "label"))
+    for b, letter in enumerate(string.ascii_lowercase[:num_branches], start=1):
+        assert metrics[f"train_ce_branch{b}"] == pytest.approx(mean_of(f"ce_{letter}"), abs=1e-6)
+        assert metrics[f"train_acc_branch{b}"] == pytest.approx(accuracy_of(f"pred_{letter}", f"label_{letter}"))
+    if synergic:
+        assert metrics["train_synergic_bce"] == pytest.approx(mean_of("synergic_bce"), abs=1e-6)
+        assert metrics["train_synergic_acc"] == pytest.approx(mean_of("synergic_acc"), abs=1e-6)
+    scalars = scalar_outputs(outputs[-1])  # what TensorBoard plots each step: the scalars, not the tensors
+    assert set(scalars) == {"loss"} | {f"ce_{c}" for c in string.ascii_lowercase[:num_branches]} | (
+        {"synergic_bce", "synergic_acc"} if synergic else set()
+    )
+    with pytest.raises(ValueError, match="stage"):
+        engine_metrics("test", num_branches)
 
 
 @pytest.mark.parametrize("decay", [1e-4, 0.5])
@@ -161,7 +191,7 @@ def test_lr_follows_inverse_time_decay(decay):
 
 
 def test_three_branches_train():
-    trainer = _trainer(_net(num_branches=3), _loader(length=4, num_branches=3), decollate=False)
+    trainer = _trainer(_net(num_branches=3), _loader(length=4, num_branches=3))
     trainer.run()
     out = trainer.state.output
     assert {"ce_a", "ce_b", "ce_c", "pred_c", "label_c"} <= set(out)
@@ -223,9 +253,7 @@ def test_loss_decreases_on_learnable_task():
     net = SDLNet(backbone="resnet18", hidden_size=32, synergic_hidden=16, dropout=0.0)
     loader = DataLoader(PairDataset(length=16, learnable=True, seed=1), batch_size=BATCH, shuffle=False)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    trainer = SDLTrainer(
-        device="cpu", max_epochs=5, train_data_loader=loader, network=net, optimizer=optimizer, decollate=False
-    )
+    trainer = SDLTrainer(device="cpu", max_epochs=5, train_data_loader=loader, network=net, optimizer=optimizer)
     epoch_losses: list[float] = []
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
@@ -242,7 +270,7 @@ def test_loss_decreases_on_learnable_task():
 
 def test_amp_path_runs_on_cpu():
     """amp=True takes the autocast + GradScaler branch (the scaler disables itself without CUDA)."""
-    trainer = _trainer(_net(), _loader(length=4), amp=True, decollate=False)
+    trainer = _trainer(_net(), _loader(length=4), amp=True)
     trainer.run()
     assert trainer.scaler is not None
     assert torch.isfinite(trainer.state.output["loss"]) and trainer.state.output["pred"].dtype == torch.float32

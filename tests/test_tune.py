@@ -96,7 +96,7 @@ def test_inner_folds_hold_only_the_outer_training_patients():
 
 def test_patient_level_metric_grades_patients_by_their_mean_probabilities():
     import torch
-    from scripts.workflow import PatientLevelMetric
+    from scripts.engine_metrics import PatientLevelMetric
 
     # P1 (grade 0): one confident wrong slice, two slightly right ones -> mean says grade 1 (wrong);
     # P2 (grade 1): right. Slice accuracy would be 3/4, patient accuracy is 1/2.

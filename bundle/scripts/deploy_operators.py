@@ -50,6 +50,7 @@ from scripts.dicom_index import REASON_UNREADABLE, first_of_each_instance, inspe
 from scripts.dicom_reader import DicomSliceReader
 from scripts.model_settings import DEFAULTS, read_model_settings
 from scripts.network import load_state_dict_file
+from scripts.reports import average_by
 from scripts.tta import FlipTTAInferer
 
 __all__ = [
@@ -361,13 +362,16 @@ class SDLSliceGradingOperator(InferenceOperator):
         return out.detach().float().cpu()
 
     def post_process(self, data: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """``[N, C]`` slice probabilities -> the series' mean probabilities and grade."""
+        """``[N, C]`` slice probabilities -> the series' mean probabilities and grade, averaged as `run inference`
+        averages a series (:func:`scripts.reports.average_by`)."""
         probs = np.asarray(data, dtype=np.float64)
         if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
             raise ValueError("the network output is not probabilities (rows do not sum to 1); see metadata.json")
-        mean = probs.mean(axis=0)
-        index = int(mean.argmax())
-        return {"mean": mean, "index": index}
+        names = self.model.class_names
+        if probs.shape[1] != len(names):
+            raise ValueError(f"the network gives {probs.shape[1]} classes, the config's label map {len(names)}")
+        (series,) = average_by([{"series": "", "probabilities": p} for p in probs], "series", names)
+        return series
 
     def grade_series(self, selection: SelectedSeries) -> dict[str, Any]:
         """Grade one selected series: slice probabilities, their mean, the grade."""
@@ -381,8 +385,6 @@ class SDLSliceGradingOperator(InferenceOperator):
         probs = torch.cat(chunks).numpy()
         summary = self.post_process(probs)
         names = self.model.class_names
-        if probs.shape[1] != len(names):
-            raise ValueError(f"the network gives {probs.shape[1]} classes, the config's label map {len(names)}")
         series = selection.series
         first = records[0]
         return {
@@ -391,9 +393,9 @@ class SDLSliceGradingOperator(InferenceOperator):
             "SeriesNumber": first["series_number"],
             "SeriesDescription": first["series_description"],
             "PatientID": first["patient_id"],
-            "grade": names[summary["index"]],
-            "grade_name": self.model.display_names[summary["index"]],
-            "probabilities": {n: float(p) for n, p in zip(names, summary["mean"], strict=True)},
+            "grade": summary["grade"],
+            "grade_name": self.model.display_names[summary["predicted"]],
+            "probabilities": {n: float(p) for n, p in zip(names, summary["probabilities"], strict=True)},
             "n_slices": len(records),
             "slices": [
                 {

@@ -181,7 +181,7 @@ def check_settings(trained: Mapping[str, Any], given: Mapping[str, Any]) -> dict
 def write_model_settings(model_file: str | os.PathLike, settings: Mapping[str, Any]) -> Path:
     """Write ``model_settings.json`` beside ``model_file`` atomically (temporary name, then rename).
 
-    Training calls it right after it saves ``model.pt`` (``scripts.workflow.BestModelSaver``), so the file always
+    Training calls it right after it saves ``model.pt`` (``scripts.handlers.BestModelSaver``), so the file always
     describes the model beside it, also when a run into that folder fails before its first validation.
     """
     return atomic_write_text(settings_json(settings), Path(model_file).with_name(SETTINGS_FILE))

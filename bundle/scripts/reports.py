@@ -49,7 +49,7 @@ def _scalar(value):
     return value
 
 
-def _average_by(rows: list[dict], key: str, class_names: Sequence[str]) -> list[dict]:
+def average_by(rows: list[dict], key: str, class_names: Sequence[str]) -> list[dict]:
     """One row per value of ``key`` (patient or series) with the mean of its slices' probabilities."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -231,7 +231,7 @@ class PredictionWriter:
             for b in range(branches.shape[1]):
                 slice_metrics[f"branch{b + 1}"] = classification_metrics(branches[:, b], labels, self.class_names)
 
-        patients = _average_by(self.rows, "patient_id", self.class_names)
+        patients = average_by(self.rows, "patient_id", self.class_names)
         patient_metrics = classification_metrics(
             np.array([p["probabilities"] for p in patients]), np.array([p["label"] for p in patients]), self.class_names
         )
@@ -286,7 +286,7 @@ class PredictionWriter:
                 record["gradcam"] = {f"branch{b + 1}": p for b, p in enumerate(row["gradcam"])}
             slices.append(record)
         series = []
-        for entry in _average_by(self.rows, "series_uid", self.class_names):
+        for entry in average_by(self.rows, "series_uid", self.class_names):
             series.append(
                 {
                     "series_uid": entry["series_uid"],

@@ -84,15 +84,15 @@ class SDLTrainer(SupervisedTrainer):
         ``pred`` ``[N*B, C]`` each branch's probabilities for its own images and ``label`` ``[N*B]`` (so
         ``from_engine(["pred", "label"])`` gives training accuracy); ``pred_a``/``label_a``, ... per branch.
 
-    With ``decollate=True`` (the default, as in SupervisedTrainer) MONAI turns this dict into ``N*B`` per-sample
-    dicts after ``MODEL_COMPLETED``: scalars are replicated and ``pred_a``/``label_a``... are padded with None past
-    ``B`` samples; ``from_engine(["pred", "label"])`` still feeds Ignite metrics. Pass ``decollate=False`` to keep
-    the batched dict. ``network`` is an ``SDLNet``, or for DistributedDataParallel ``DDP(SDLPairForward(net))``,
-    which the pair forward is called through (``DDP(SDLNet)`` is refused: it would bypass DDP). A network with folded
-    pooling (``scripts.pool_fold``) needs an optimizer built on ``parameter_groups``; another is refused. Extra args:
-    ``synergic_loss`` (default ``BCEWithLogitsLoss``); ``loss_function`` is the per-branch classification loss
-    (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True; ``channels_last`` puts the network's
-    weights and each batch in NHWC order (:func:`memory_format`).
+    The output stays this one batched dict (``decollate=False`` by default, unlike SupervisedTrainer: its keys have
+    different lengths, ``pred`` ``N*B`` rows and ``pred_a`` ``B``), so ``from_engine(["pred", "label"])`` and plain
+    key lookups (:func:`scripts.engine_metrics.engine_metrics`) feed Ignite's metrics directly. ``network`` is an
+    ``SDLNet``, or for DistributedDataParallel ``DDP(SDLPairForward(net))``, which the pair forward is called
+    through (``DDP(SDLNet)`` is refused: it would bypass DDP). A network with folded pooling (``scripts.pool_fold``)
+    needs an optimizer built on ``parameter_groups``; another is refused. Extra args: ``synergic_loss`` (default
+    ``BCEWithLogitsLoss``); ``loss_function`` is the per-branch classification loss (default ``CrossEntropyLoss``);
+    ``optim_set_to_none`` defaults to True; ``channels_last`` puts the network's weights and each batch in NHWC
+    order (:func:`memory_format`).
     """
 
     def __init__(
@@ -116,7 +116,7 @@ class SDLTrainer(SupervisedTrainer):
         amp: bool = False,
         event_names: list | None = None,
         event_to_attr: dict | None = None,
-        decollate: bool = True,
+        decollate: bool = False,
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,

@@ -11,7 +11,7 @@ Why it is built this way:
   (:func:`scripts.splits.inner_fold_split`); the outer test part is dropped. Only ``--final true`` tests, once,
   the best settings, in an ordinary run on the outer split.
 - **The objective is patient level**: by default ``val_patient_acc`` (or ``val_patient_auc``, macro one-vs-rest
-  AUC), patients graded by the mean of their slices' probabilities (`scripts.workflow.PatientLevelMetric`),
+  AUC), patients graded by the mean of their slices' probabilities (`scripts.engine_metrics.PatientLevelMetric`),
   taken at the last validated epoch of each inner fold (the best epoch would reward noisy settings) and
   averaged over the folds.
 - **Pruning crosses the folds.** :class:`TrialPruningHandler` reports the running objective (finished folds'

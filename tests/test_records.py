@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from scripts.workflow import BestModelSaver, load_datalist, resolve_datalist
+from scripts.handlers import BestModelSaver
+from scripts.records import load_datalist, resolve_datalist
 
 
 def _engine(value: float, epoch: int) -> SimpleNamespace:

@@ -1,0 +1,128 @@
+"""The Ignite metrics the engines compute each epoch, for any number of branches, from one factory.
+
+:func:`engine_metrics` builds the training metrics (from :class:`scripts.trainer.SDLTrainer`'s batched output
+dict: per-branch accuracy and cross-entropy, the synergic heads' accuracy and BCE, the epoch's mean loss) and the
+validation metrics (from :class:`scripts.trainer.SDLEvaluator`'s per-slice outputs: per-branch accuracy, the
+ensemble's cross-entropy, optionally patient-level accuracy and AUC). The key metrics (``train_acc``,
+``val_acc``) stay in the configs, where MONAI's engines take them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from operator import itemgetter
+
+import torch
+from ignite.engine import Engine
+from ignite.metrics import Accuracy, Average, Loss, Metric
+from monai.handlers import from_engine
+
+from scripts.flags import as_flag
+from scripts.metrics import nll_of_probabilities
+from scripts.trainer import branch_letters
+
+__all__ = ["BranchOutput", "PatientLevelMetric", "engine_metrics", "scalar_outputs"]
+
+
+def scalar_outputs(output: Mapping) -> dict[str, float]:
+    """The scalar entries of the trainer's output (``loss``, ``ce_a``, ``synergic_bce``, ...), for
+    `TensorBoardStatsHandler`'s per-iteration curves; the prediction and label tensors are left out."""
+    return {key: float(value) for key, value in output.items() if torch.as_tensor(value).ndim == 0}
+
+
+class BranchOutput:
+    """``(probabilities, labels)`` of one branch from an evaluator's output, for per-branch metrics.
+
+    `scripts.trainer.SDLEvaluator` puts every branch's probabilities in ``branch_preds`` (``[N, C]`` per
+    decollated sample, ``[B, N, C]`` for a whole batch).
+    """
+
+    def __init__(self, branch: int) -> None:
+        self.branch = branch
+
+    def __call__(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(output, dict):
+            return output["branch_preds"][:, self.branch], output["label"]
+        preds = torch.stack([o["branch_preds"][self.branch] for o in output])
+        labels = torch.stack([torch.as_tensor(o["label"]) for o in output])
+        return preds, labels
+
+
+class PatientLevelMetric(Metric):
+    """Accuracy or macro one-vs-rest AUC over *patients*, each graded by the mean of its slices' probabilities.
+
+    A grade belongs to a patient, and the test reports (``patients.csv``, ``metrics.json``) grade patients by
+    that mean (`scripts.reports`); selecting settings on slice accuracy would favour patients with many
+    slices. Ignite hands a metric only the evaluator's output, which carries no patient id, so this metric
+    reads the ids from the batch beside it. Not synchronised across processes: with a `DistributedSampler`
+    each rank would score its own share of the patients.
+    """
+
+    def __init__(self, kind: str = "accuracy") -> None:
+        if kind not in ("accuracy", "auc"):
+            raise ValueError(f"kind must be 'accuracy' or 'auc', got {kind!r}")
+        self.kind = kind
+        super().__init__()
+
+    def reset(self) -> None:
+        self._rows: list[dict] = []
+
+    def update(self, output: Sequence[tuple[str, list[float], int]]) -> None:
+        for patient_id, probabilities, label in output:
+            row = {"patient_id": patient_id, "probabilities": probabilities, "label": label}
+            self._rows.append(row)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        outputs, batch = engine.state.output, engine.state.batch
+        if isinstance(outputs, Mapping):  # an evaluator run with decollate=False
+            from monai.data import decollate_batch
+
+            outputs, batch = decollate_batch(outputs), decollate_batch(batch)
+        rows = []
+        for out, item in zip(outputs, batch, strict=True):
+            probabilities = torch.as_tensor(out["pred"]).detach().float().cpu().reshape(-1).tolist()
+            rows.append((str(item["patient_id"]), probabilities, int(torch.as_tensor(out["label"]).reshape(-1)[0])))
+        self.update(rows)
+
+    def compute(self) -> float:
+        from scripts.metrics import classification_metrics
+        from scripts.reports import average_by
+
+        if not self._rows:
+            raise RuntimeError("PatientLevelMetric needs at least one validation slice")
+        names = [str(c) for c in range(len(self._rows[0]["probabilities"]))]
+        patients = average_by(self._rows, "patient_id", names)
+        metrics = classification_metrics([p["probabilities"] for p in patients], [p["label"] for p in patients], names)
+        value = metrics["accuracy"] if self.kind == "accuracy" else metrics["macro"]["auc"]
+        return float("nan") if value is None else float(value)
+
+
+def engine_metrics(stage: str, num_branches: int, patient_level: bool = False) -> dict[str, Metric]:
+    """The metrics of the ``"train"`` or ``"validation"`` engine, besides its key metric.
+
+    Training (the trainer's output is one batched dict): ``train_acc_branch<i>`` and ``train_ce_branch<i>`` per
+    branch, ``train_loss_epoch``, and with two branches or more ``train_synergic_acc`` and ``train_synergic_bce``
+    (means over the heads). Validation: ``val_acc_branch<i>`` per branch and ``val_loss``, the negative log of the
+    probability the ensemble gives the true grade averaged over slices (the validation loss curve of the paper's
+    figures, comparable with the training CE); with ``patient_level`` (set by tune.yaml, the objective of
+    `run tune`) also ``val_patient_acc`` and ``val_patient_auc`` (:class:`PatientLevelMetric`).
+    """
+    if stage == "train":
+        metrics: dict[str, Metric] = {}
+        for b, letter in enumerate(branch_letters(num_branches), start=1):
+            metrics[f"train_acc_branch{b}"] = Accuracy(output_transform=itemgetter(f"pred_{letter}", f"label_{letter}"))
+            metrics[f"train_ce_branch{b}"] = Average(output_transform=itemgetter(f"ce_{letter}"))
+        metrics["train_loss_epoch"] = Average(output_transform=itemgetter("loss"))
+        if num_branches > 1:
+            metrics["train_synergic_acc"] = Average(output_transform=itemgetter("synergic_acc"))
+            metrics["train_synergic_bce"] = Average(output_transform=itemgetter("synergic_bce"))
+        return metrics
+    if stage != "validation":
+        raise ValueError(f"stage must be 'train' or 'validation', got {stage!r}")
+    metrics = {"val_loss": Loss(nll_of_probabilities, output_transform=from_engine(["pred", "label"]))}
+    for b in range(num_branches):
+        metrics[f"val_acc_branch{b + 1}"] = Accuracy(output_transform=BranchOutput(b))
+    if as_flag(patient_level):
+        metrics["val_patient_acc"] = PatientLevelMetric("accuracy")
+        metrics["val_patient_auc"] = PatientLevelMetric("auc")
+    return metrics
