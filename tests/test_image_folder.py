@@ -14,14 +14,14 @@ import torch
 from conftest import bundle_run
 from monai.data import create_test_image_2d
 from PIL import Image
+from scripts.grades import resolve_label_map
 from scripts.image_folder import (
     folder_label_map,
     image_inference_records,
     index_image_folder,
-    resolve_label_map,
-    split_records,
     write_image_datalist,
 )
+from scripts.splits import make_splits, split_by_patient
 from scripts.transforms import preprocessing_transforms, training_transforms
 
 CLASSES = ("pituitary", "glioma", "notumor", "meningioma")  # written unsorted: the label map must sort them
@@ -93,7 +93,7 @@ def test_predefined_training_testing_split_is_kept(tmp_path):
     root = write_dataset(tmp_path / "tumours", n_train=7, n_test=2)
     records = index_image_folder(root).records
     assert {r["split"] for r in records} == {"train", "test"}
-    splits = split_records(records, val_fraction=0.15, test_fraction=0.3, seed=0)
+    splits = make_splits(records, val_fraction=0.15, test_fraction=0.3, seed=0)
     assert {Path(r["image"]).parent.parent.name for r in splits["test"]} == {"Testing"}
     assert len(splits["test"]) == 8  # the Testing folder, whatever test_fraction says
     assert len(splits["validation"]) == 4 and len(splits["train"]) == 24  # one validation image per class
@@ -106,15 +106,13 @@ def test_predefined_training_testing_split_is_kept(tmp_path):
 
 def test_kfold_pools_the_predefined_split(tmp_path):
     records = index_image_folder(write_dataset(tmp_path / "tumours", n_train=2, n_test=1)).records
-    folds = [split_records(records, protocol="kfold", val_fraction=0.0, fold=k, n_folds=3) for k in range(3)]
+    folds = [make_splits(records, protocol="kfold", val_fraction=0.0, fold=k, n_folds=3) for k in range(3)]
     assert sorted(r["patient_id"] for f in folds for r in f["test"]) == sorted(r["patient_id"] for r in records)
 
 
 def test_records_without_a_predefined_split_are_split_as_before(flat_dataset):
-    from scripts.splits import make_splits
-
     records = index_image_folder(flat_dataset).records
-    assert split_records(records, seed=3) == make_splits(records, seed=3)
+    assert make_splits(records, seed=3) == split_by_patient(records, val_fraction=0.15, test_fraction=0.15, seed=3)
 
 
 def test_given_label_map_skips_other_folders_and_checks_its_classes(flat_dataset):

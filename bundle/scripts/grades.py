@@ -26,6 +26,20 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LABEL_MAP: dict[str, int] = {"II": 0, "III": 1, "IV": 2}
 
+
+def resolve_label_map(
+    image_folder: str | Path | None = None, default: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """The label map of a run: the image folder's class names when one is given (`scripts.image_folder`), else
+    ``default`` (the glioma grades, :data:`DEFAULT_LABEL_MAP`); a user's ``--label_map`` replaces this whole
+    config node."""
+    if image_folder:
+        from scripts.image_folder import folder_label_map
+
+        return folder_label_map(image_folder)
+    return {str(k): int(v) for k, v in dict(DEFAULT_LABEL_MAP if default is None else default).items()}
+
+
 # Diagnoses that imply a WHO grade. Keys are normalised (upper case, single spaces).
 BUILTIN_ALIASES: dict[str, str] = {
     "GBM": "IV",

@@ -6,8 +6,8 @@ Layouts (class folders may hold sub-folders; every image below a class folder be
 * ``DIR/Training/<class>/...`` with ``DIR/Testing/<class>/...`` (and optionally ``DIR/Validation/<class>/...``;
   names matched case-insensitively: ``train``/``training``, ``val``/``valid``/``validation``, ``test``/``testing``)
   -- the public 4-class brain tumour MRI sets ship this way. The predefined split is honoured by default
-  (records carry ``split``, :func:`split_records` keeps it): the publishers' test set stays the test set, so
-  figures are comparable with published ones. ``predefined_split=False`` pools the folders instead.
+  (records carry ``split``, :func:`scripts.splits.make_splits` keeps it): the publishers' test set stays the test
+  set, so figures are comparable with published ones. ``predefined_split=False`` pools the folders instead.
 
 Records have the DICOM datalist's shape: ``image`` (absolute path), ``label``, ``grade`` (the class name: the
 field holds the label's name in every datalist), ``patient_id`` and, for predefined splits, ``split``. Folder
@@ -50,8 +50,6 @@ __all__ = [
     "image_inference_records",
     "index_image_folder",
     "is_image_file",
-    "resolve_label_map",
-    "split_records",
     "to_grey",
     "write_image_datalist",
 ]
@@ -174,16 +172,6 @@ def folder_label_map(image_folder: str | Path, predefined_split: bool = True) ->
     return {name: i for i, name in enumerate(names)}
 
 
-def resolve_label_map(
-    image_folder: str | Path | None = None, default: Mapping[str, int] | None = None
-) -> dict[str, int]:
-    """The label map of a run: from the image folder's class names when one is given, else ``default``
-    (the glioma grades in the configs); a user's ``--label_map`` replaces this whole config node."""
-    if image_folder:
-        return folder_label_map(image_folder)
-    return {str(k): int(v) for k, v in dict(default or {}).items()}
-
-
 def _check_label_map(label_map: Mapping[str, Any]) -> dict[str, int]:
     checked = {str(k): int(v) for k, v in dict(label_map).items()}
     if sorted(checked.values()) != list(range(len(checked))):
@@ -282,62 +270,6 @@ def write_image_datalist(
     write_skipped_csv(index.skipped, skipped_csv)
     logger.info("wrote %s (%d images) and %s", output, len(index.records), skipped_csv)
     return index.records
-
-
-def split_records(
-    records: Sequence[dict],
-    *,
-    protocol: str = "patient",
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    seed: int = 0,
-    fold: int = 0,
-    n_folds: int = 5,
-) -> dict[str, list[dict]]:
-    """``scripts.splits.make_splits``, except that records carrying a predefined ``split`` keep it.
-
-    Then ``test`` is the predefined test set (``test_fraction`` is not used) and, unless a validation folder
-    exists, ``validation`` is carved from the training records by ``make_splits`` with ``val_fraction`` (so the
-    checkpoint is still chosen without looking at the test set). Records without ``split`` (every DICOM
-    datalist) are split exactly as ``make_splits`` splits them, and so are all records under the ``kfold``
-    protocol (``fold`` of ``n_folds``): cross-validation deals every image to a fold, so a fixed test folder
-    cannot hold, and the predefined split is pooled (logged).
-    """
-    from scripts.splits import make_splits
-
-    records = list(records)
-    if protocol == "kfold" and any("split" in r for r in records):
-        logger.warning("split_protocol kfold: the predefined Training/Testing split is pooled into the folds")
-        records = [{k: v for k, v in r.items() if k != "split"} for r in records]
-    if not any("split" in r for r in records):
-        return make_splits(
-            records,
-            protocol=protocol,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-            fold=fold,
-            n_folds=n_folds,
-        )
-    unknown = sorted({str(r.get("split")) for r in records} - {"train", "validation", "test"})
-    if unknown:
-        raise ValueError(f"records with a predefined split must use train/validation/test, found {unknown}")
-
-    def part(name: str) -> list[dict]:
-        return sorted((r for r in records if r["split"] == name), key=lambda r: (str(r["patient_id"]), r["image"]))
-
-    train, validation, test = part("train"), part("validation"), part("test")
-    if not validation:
-        carved = make_splits(train, protocol=protocol, val_fraction=val_fraction, test_fraction=0.0, seed=seed)
-        train, validation = carved["train"], carved["validation"]
-    logger.info(
-        "predefined split kept: %d train, %d validation%s, %d test (test_fraction unused)",
-        len(train),
-        len(validation),
-        "" if part("validation") else f" (val_fraction {val_fraction} of the training folder)",
-        len(test),
-    )
-    return {"train": train, "validation": validation, "test": test}
 
 
 def image_inference_records(input_path: str | Path, output_dir: str | Path) -> list[dict]:

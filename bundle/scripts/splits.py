@@ -14,6 +14,7 @@ least three patients.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = [
     "split_by_patient",
     "split_by_slice",
 ]
+
+logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("patient", "slice", "kfold")
 Record = dict[str, Any]
@@ -195,7 +198,48 @@ def make_splits(
 ) -> dict[str, list[Record]]:
     """Dispatch to :func:`split_by_patient` (``"patient"``, the default), :func:`split_by_slice` (``"slice"``)
     or fold ``fold`` of :func:`patient_kfold` (``"kfold"``, used by ``run cross_validation``; its validation
-    part is ``val_fraction`` of the fold's training patients)."""
+    part is ``val_fraction`` of the fold's training patients).
+
+    Records carrying a predefined ``split`` (an image folder's Training/Testing folders, `scripts.image_folder`)
+    keep it: ``test`` is the predefined test set (``test_fraction`` is not used) and, unless a validation folder
+    exists, ``validation`` is carved from the training records with ``val_fraction``, so the checkpoint is still
+    chosen without looking at the test set. Under ``kfold`` the predefined split is pooled (logged):
+    cross-validation deals every image to a fold, so a fixed test folder cannot hold.
+    """
+    records = list(records)
+    if protocol == "kfold" and any("split" in r for r in records):
+        logger.warning("split_protocol kfold: the predefined Training/Testing split is pooled into the folds")
+        records = [{k: v for k, v in r.items() if k != "split"} for r in records]
+    if any("split" in r for r in records):
+        return _keep_predefined_split(records, protocol=protocol, val_fraction=val_fraction, seed=seed)
+    return _split(records, protocol, val_fraction, test_fraction, seed, fold, n_folds)
+
+
+def _keep_predefined_split(records: list[Record], *, protocol: str, val_fraction: float, seed: int) -> dict:
+    unknown = sorted({str(r.get("split")) for r in records} - {"train", "validation", "test"})
+    if unknown:
+        raise ValueError(f"records with a predefined split must use train/validation/test, found {unknown}")
+
+    def part(name: str) -> list[Record]:
+        return sorted((r for r in records if r["split"] == name), key=lambda r: (str(r["patient_id"]), r["image"]))
+
+    train, validation, test = part("train"), part("validation"), part("test")
+    if not validation:
+        carved = _split(train, protocol, val_fraction, 0.0, seed, 0, 1)
+        train, validation = carved["train"], carved["validation"]
+    logger.info(
+        "predefined split kept: %d train, %d validation%s, %d test (test_fraction unused)",
+        len(train),
+        len(validation),
+        "" if part("validation") else f" (val_fraction {val_fraction} of the training folder)",
+        len(test),
+    )
+    return {"train": train, "validation": validation, "test": test}
+
+
+def _split(
+    records: list[Record], protocol: str, val_fraction: float, test_fraction: float, seed: int, fold: int, n_folds: int
+) -> dict[str, list[Record]]:
     if protocol == "kfold":
         if not 0 <= fold < n_folds:
             raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")

@@ -111,10 +111,9 @@ def trial_splits(
 ) -> dict[str, list[dict]]:
     """The ordinary split (train.yaml's ``splits``, whose options pass through), or with ``inner_fold`` set, that
     inner fold of its training patients."""
-    from scripts.image_folder import split_records
-    from scripts.splits import inner_fold_split
+    from scripts.splits import inner_fold_split, make_splits
 
-    outer = split_records(records, **split_options)
+    outer = make_splits(records, **split_options)
     if inner_fold is None:
         return outer
     return inner_fold_split(outer, fold=int(inner_fold), n_folds=int(inner_folds), seed=split_options.get("seed", 0))
