@@ -46,11 +46,12 @@ from monai.inferers import SimpleInferer
 from monai.transforms import Compose, LoadImaged
 from pydicom.uid import generate_uid
 
-from scripts.dicom_index import REASON_UNREADABLE, first_of_each_instance, inspect_file
+from scripts.dicom_index import first_of_each_instance, inspect_file
 from scripts.dicom_reader import DicomSliceReader
 from scripts.model_settings import DEFAULTS, read_model_settings
 from scripts.network import load_state_dict_file
 from scripts.reports import average_by
+from scripts.skip_reasons import REASON_UNREADABLE
 from scripts.tta import FlipTTAInferer
 
 __all__ = [

@@ -10,7 +10,8 @@ One bad file never stops the index: any exception while reading a file becomes a
 Speed: only headers are parsed, by the fast reader in :mod:`.dicom_headers` (pixel data is deferred, never
 decoded, and its integrity is checked from lengths). Files are inspected in a process pool over chunks of
 paths, because pydicom's parser is pure Python and CPU bound (~2,000 headers/s per process). The report
-files are written by :mod:`.datalist_report`; the skip-reason codes live in :mod:`.skip_reasons`.
+files are written by :mod:`.datalist_report`; the skip-reason codes live in :mod:`.skip_reasons`, and the rules
+that judge one header in :mod:`.dicom_rules`.
 
 Privacy: outputs carry PatientID, UIDs, paths and acquisition facts only; PatientName, PatientBirthDate and
 other identifying tags are never copied into records, reports, CSVs or log lines.
@@ -22,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -36,68 +36,33 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import UID
 from tqdm import tqdm
 
 from .datalist_report import render_report, write_skipped_csv
-from .dicom_headers import decoder_available, header_overrun, int_or_none, number, pixel_problem, read_header, text
-from .flags import as_flag
+from .dicom_headers import read_header
+from .dicom_rules import classify_header, skip_outcome
 from .grades import normalise_id, read_grades
 from .skip_reasons import (
-    REASON_DESCRIPTIONS,
     REASON_DICOMDIR,
     REASON_DUPLICATE,
     REASON_LINK_LOOP,
-    REASON_LOCALIZER,
-    REASON_MULTI_FRAME,
-    REASON_NON_IMAGE,
     REASON_NOT_DICOM,
-    REASON_NOT_MR,
-    REASON_NOT_SAGITTAL,
-    REASON_NOT_T1_FLAIR,
-    REASON_NOT_T1_PD,
-    REASON_NOT_T1_T2,
-    REASON_NOT_T1_UNKNOWN,
-    REASON_POST_CONTRAST,
-    REASON_TRUNCATED,
-    REASON_UNDECODABLE,
     REASON_UNLISTABLE,
     REASON_UNREADABLE,
 )
 
-# Importable from here for existing callers and tests (this module is the indexer's public face).
 __all__ = [
     "MIN_FILES_FOR_POOL",
-    "REASON_DESCRIPTIONS",
-    "REASON_DUPLICATE",
-    "REASON_LOCALIZER",
-    "REASON_NON_IMAGE",
-    "REASON_NOT_DICOM",
-    "REASON_NOT_MR",
-    "REASON_NOT_SAGITTAL",
-    "REASON_NOT_T1_FLAIR",
-    "REASON_NOT_T1_PD",
-    "REASON_NOT_T1_T2",
-    "REASON_NOT_T1_UNKNOWN",
-    "REASON_POST_CONTRAST",
-    "REASON_TRUNCATED",
-    "REASON_UNDECODABLE",
-    "REASON_UNREADABLE",
     "IndexResult",
     "build_datalist",
-    "decoder_available",
     "first_of_each_instance",
     "index_dicom_tree",
     "inspect_file",
-    "render_report",
     "select_t1_sagittal",
     "write_datalist",
-    "write_skipped_csv",
 ]
 
 logger = logging.getLogger(__name__)
-
-_NOT_T1_REASONS = {"T2": REASON_NOT_T1_T2, "FLAIR": REASON_NOT_T1_FLAIR, "PD": REASON_NOT_T1_PD}
 
 # --- tunables --------------------------------------------------------------------------------------------------
 # Below this many files a process pool costs more (start-up, pickling) than it saves.
@@ -107,33 +72,6 @@ NON_DICOM_SUFFIXES = frozenset(
     {".csv", ".json", ".txt", ".md", ".xml", ".html", ".htm", ".pdf", ".zip", ".gz", ".tgz", ".tar", ".7z",
      ".py", ".log", ".xls", ".xlsx", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nrrd", ".mha"}
 )  # fmt: skip
-
-# Thresholds of the T1 rule (milliseconds).
-T1_MAX_TR = 1000.0
-T1_MAX_TE = 30.0
-IR_T1_MAX_TE = 10.0
-IR_T1_MAX_TI = 1300.0
-FLAIR_MIN_TI = 1500.0
-
-_PIXEL_DATA = 0x7FE00010
-_FLOAT_PIXEL_TAGS = (0x7FE00008, 0x7FE00009)
-_MR_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"})
-# SR documents, presentation states, encapsulated documents, raw data, spectroscopy: never images.
-_NON_IMAGE_SOP_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.88.",
-    "1.2.840.10008.5.1.4.1.1.11.",
-    "1.2.840.10008.5.1.4.1.1.104.",
-    "1.2.840.10008.5.1.4.1.1.66",
-    "1.2.840.10008.5.1.4.1.1.4.2",
-)
-
-_TOKEN_RE = re.compile(r"[A-Z0-9]+")
-_T1_TOKEN_RE = re.compile(r"(?:SAG|AX|COR|3D)?T1(?:W|WI|SE|FSE|TSE|3D|FLAIR|MPR)?|MP?RAGE|F?SPGR|BRAVO|T1FFE|TFE")
-_T2_TOKEN_RE = re.compile(r"(?:SAG|AX|COR|3D)?T2(?:W|WI|SE|FSE|TSE|STAR|3D)?")
-_PD_TOKEN_RE = re.compile(r"(?:SAG|AX|COR)?PDW?I?|PROTON")
-_LOCALIZER_TOKENS = frozenset({"LOC", "LOCALIZER", "LOCALISER", "LOCATOR", "SCOUT", "SURVEY", "PILOT", "TRIPILOT"})
-_CONTRAST_TOKENS = frozenset({"POST", "GAD", "GD", "GADO", "GADOLINIUM", "CONTRAST", "POSTCONTRAST", "POSTGAD"})
-_NO_CONTRAST_TOKENS = frozenset({"PRE", "PRECONTRAST", "WITHOUT", "WO", "NONCONTRAST", "NC"})
 
 
 @dataclass
@@ -162,89 +100,7 @@ class IndexResult:
         return dict(sorted(Counter(item["reason"] for item in self.skipped).items()))
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
-
-
-# --- selection rules ----------------------------------------------------------------------------------------
-def _is_localizer(ds: pydicom.Dataset, description: str, tokens: set[str]) -> str:
-    image_type = {part.strip().upper() for part in text(ds, "ImageType").split("\\")}
-    if "LOCALIZER" in image_type:
-        return "ImageType contains LOCALIZER"
-    if (
-        tokens & _LOCALIZER_TOKENS
-        or re.search(r"3\s*-?\s*PLANE", description)
-        or any(t.startswith("SCOUT") or t.endswith("SCOUT") for t in tokens)
-    ):
-        return "SeriesDescription names a localizer/scout"
-    return ""
-
-
-def _plane(ds: pydicom.Dataset, tokens: set[str]) -> tuple[bool, str]:
-    """Sagittal when the slice normal (row x column direction cosines) is closest to the patient x axis."""
-    try:
-        cosines = [float(v) for v in text(ds, "ImageOrientationPatient").split("\\")]
-    except ValueError:
-        cosines = []
-    if len(cosines) == 6 and all(math.isfinite(v) for v in cosines):
-        (rx, ry, rz), (cx, cy, cz) = cosines[:3], cosines[3:]
-        normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
-        magnitudes = [abs(v) for v in normal]
-        if max(magnitudes) > 0:
-            axis = magnitudes.index(max(magnitudes))
-            shown = ", ".join(f"{v:.3f}" for v in normal)
-            if axis == 0:
-                return True, f"slice normal ({shown}) closest to x"
-            return False, f"slice normal ({shown}) closest to {'xyz'[axis]}: {('coronal', 'axial')[axis - 1]}"
-    if any(t.startswith("SAG") for t in tokens):
-        return True, "no usable ImageOrientationPatient; SeriesDescription says sagittal"
-    return False, "no usable ImageOrientationPatient and no SAG/SAGITTAL in SeriesDescription"
-
-
-def _weighting(ds: pydicom.Dataset, tokens: set[str]) -> tuple[str, str]:
-    """Return ("T1" | "T2" | "FLAIR" | "PD" | "unknown", why) from TR/TE/TI, else the series description."""
-    tr, te, ti = number(ds, "RepetitionTime"), number(ds, "EchoTime"), number(ds, "InversionTime")
-    desc_t1 = any(_T1_TOKEN_RE.fullmatch(t) for t in tokens)
-    desc_flair = any("FLAIR" in t for t in tokens)
-    if ti is not None and ti > FLAIR_MIN_TI:
-        return "FLAIR", f"InversionTime {_fmt(ti)} ms > {_fmt(FLAIR_MIN_TI)} ms"
-    if desc_flair and not desc_t1:
-        return "FLAIR", "SeriesDescription contains FLAIR"
-    if tr is not None and te is not None:
-        timing = f"TR {_fmt(tr)} ms, TE {_fmt(te)} ms"
-        if ti is not None and 0 < ti < IR_T1_MAX_TI and te < IR_T1_MAX_TE:
-            return "T1", f"inversion-prepared T1 ({timing}, TI {_fmt(ti)} ms)"
-        if tr < T1_MAX_TR and te < T1_MAX_TE:
-            return "T1", f"short TR/short TE ({timing})"
-        if te >= T1_MAX_TE:
-            return "T2", f"long TE ({timing})"
-        if desc_t1:
-            return "T1", f"long TR/short TE ({timing}) but SeriesDescription names a T1 sequence"
-        return "PD", f"long TR/short TE ({timing})"
-    if desc_t1:
-        return "T1", "no TR/TE; SeriesDescription names a T1 sequence"
-    if any(_T2_TOKEN_RE.fullmatch(t) for t in tokens):
-        return "T2", "no TR/TE; SeriesDescription names a T2 sequence"
-    if any(_PD_TOKEN_RE.fullmatch(t) for t in tokens):
-        return "PD", "no TR/TE; SeriesDescription names a PD sequence"
-    return "unknown", "no TR/TE and no weighting in SeriesDescription"
-
-
-def _post_contrast(ds: pydicom.Dataset, description: str, tokens: set[str]) -> str:
-    if text(ds, "ContrastBolusAgent"):
-        return "ContrastBolusAgent present"
-    if tokens & _NO_CONTRAST_TOKENS or "W/O" in description:
-        return ""
-    if "+C" in description or "C+" in description or "+ C" in description or tokens & _CONTRAST_TOKENS:
-        return "SeriesDescription marks post-contrast"
-    return ""
-
-
 # --- per-file inspection (runs in worker processes) -----------------------------------------------------------
-def _skip(path: str, reason: str, detail: str) -> dict[str, str]:
-    return {"path": path, "reason": reason, "detail": detail}
-
-
 def inspect_file(path: str, include_post_contrast: bool = True) -> dict[str, Any]:
     """Classify one file: a slice record ``{"kind": "slice", ...}`` or a skip ``{"kind": "skip", ...}``.
 
@@ -252,9 +108,9 @@ def inspect_file(path: str, include_post_contrast: bool = True) -> dict[str, Any
     """
     suffix = os.path.splitext(path)[1].lower()
     if os.path.basename(path).upper() == "DICOMDIR":  # the name the standard gives a medium's index
-        return {"kind": "skip", **_skip(path, REASON_DICOMDIR, "DICOMDIR: a media index, not an image")}
+        return {"kind": "skip", **skip_outcome(path, REASON_DICOMDIR, "DICOMDIR: a media index, not an image")}
     if suffix in NON_DICOM_SUFFIXES:
-        return {"kind": "skip", **_skip(path, REASON_NOT_DICOM, f"not a DICOM file ({suffix} file)")}
+        return {"kind": "skip", **skip_outcome(path, REASON_NOT_DICOM, f"not a DICOM file ({suffix} file)")}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -263,70 +119,14 @@ def inspect_file(path: str, include_post_contrast: bool = True) -> dict[str, Any
                 try:
                     ds, tsyntax = read_header(fh)
                 except pydicom.errors.InvalidDicomError as exc:
-                    return {"kind": "skip", **_skip(path, REASON_NOT_DICOM, f"not a DICOM file ({exc})")}
-                outcome = _classify(path, ds, tsyntax, fh, file_size, include_post_contrast)
+                    return {"kind": "skip", **skip_outcome(path, REASON_NOT_DICOM, f"not a DICOM file ({exc})")}
+                outcome = classify_header(path, ds, tsyntax, fh, file_size, include_post_contrast)
     except Exception as exc:  # one bad file must never stop the index
         error = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
-        outcome = _skip(path, REASON_UNREADABLE, error)
+        outcome = skip_outcome(path, REASON_UNREADABLE, error)
     if "reason" in outcome:
         return {"kind": "skip", **outcome}
     return {"kind": "slice", **outcome}
-
-
-def _classify(
-    path: str, ds: pydicom.Dataset, tsyntax: str, fh: Any, file_size: int, include_post_contrast: bool
-) -> dict[str, Any]:
-    sop_class = text(ds, "SOPClassUID")
-    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True) if _PIXEL_DATA in ds else None
-    sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
-    if elem is None and not any(tag in ds for tag in _FLOAT_PIXEL_TAGS):
-        if not sop_class and "Modality" not in ds:
-            return _skip(path, REASON_UNREADABLE, "no DICOM header could be parsed (corrupt or truncated file)")
-        overrun = header_overrun(ds, file_size)
-        if overrun:
-            return _skip(path, REASON_TRUNCATED, f"file ends {overrun} bytes inside its header, before any pixel data")
-        return _skip(path, REASON_NON_IMAGE, f"no pixel data ({sop_name})")
-    if sop_class.startswith(_NON_IMAGE_SOP_PREFIXES):
-        return _skip(path, REASON_NON_IMAGE, f"non-image SOP class ({sop_name})")
-    modality = text(ds, "Modality").upper()
-    if modality != "MR" and not (not modality and sop_class in _MR_SOP_CLASSES):
-        return _skip(path, REASON_NOT_MR, f"Modality {modality or 'missing'} ({sop_name})")
-    frames = int_or_none(ds, "NumberOfFrames") or 1
-    if frames > 1:
-        return _skip(path, REASON_MULTI_FRAME, f"{frames} frames in one file ({sop_name}); not split into slices")
-    if elem is not None:
-        problem = pixel_problem(ds, UID(tsyntax), elem, fh, file_size)
-        if problem:
-            return _skip(path, *problem)
-
-    description = text(ds, "SeriesDescription")
-    upper = description.upper()
-    tokens = set(_TOKEN_RE.findall(upper))
-    localizer = _is_localizer(ds, upper, tokens)
-    if localizer:
-        return _skip(path, REASON_LOCALIZER, localizer)
-    sagittal, why = _plane(ds, tokens)
-    if not sagittal:
-        return _skip(path, REASON_NOT_SAGITTAL, why)
-    weighting, why = _weighting(ds, tokens)
-    if weighting != "T1":
-        return _skip(path, _NOT_T1_REASONS.get(weighting, REASON_NOT_T1_UNKNOWN), f"{weighting}: {why}")
-    contrast = _post_contrast(ds, upper, tokens)
-    if contrast and not as_flag(include_post_contrast):
-        return _skip(path, REASON_POST_CONTRAST, contrast)
-    return {
-        "image": path,
-        "patient_id": text(ds, "PatientID"),
-        "study_uid": text(ds, "StudyInstanceUID"),
-        "series_uid": text(ds, "SeriesInstanceUID"),
-        "sop_instance_uid": text(ds, "SOPInstanceUID"),
-        "instance_number": int_or_none(ds, "InstanceNumber"),
-        "series_number": int_or_none(ds, "SeriesNumber"),
-        "series_description": description,
-        "rows": int_or_none(ds, "Rows"),
-        "columns": int_or_none(ds, "Columns"),
-        "post_contrast": bool(contrast),
-    }
 
 
 def _inspect_chunk(paths: Sequence[str], include_post_contrast: bool) -> list[dict[str, Any]]:
@@ -346,7 +146,7 @@ def _candidate_files(root: Path) -> tuple[list[str], list[dict[str, str]]]:
     problems: list[dict[str, str]] = []
 
     def unlistable(error: OSError) -> None:
-        problems.append(_skip(str(error.filename), REASON_UNLISTABLE, f"{error.strerror or error}"))
+        problems.append(skip_outcome(str(error.filename), REASON_UNLISTABLE, f"{error.strerror or error}"))
 
     walked: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root.resolve(), onerror=unlistable, followlinks=True):
@@ -357,7 +157,7 @@ def _candidate_files(root: Path) -> tuple[list[str], list[dict[str, str]]]:
             path = os.path.join(dirpath, name)
             real = os.path.realpath(path) if os.path.islink(path) else None
             if real is not None and (real in walked or real == os.path.commonpath([real, here])):
-                problems.append(_skip(path, REASON_LINK_LOOP, f"links to {real}, which is already being walked"))
+                problems.append(skip_outcome(path, REASON_LINK_LOOP, f"links to {real}, which is already being walked"))
             else:
                 kept.append(name)
         dirnames[:] = kept
@@ -447,7 +247,7 @@ def first_of_each_instance(outcomes: Iterable[Mapping[str, Any]]) -> tuple[list[
         uid = outcome["sop_instance_uid"]
         if uid and uid in kept_by_uid:
             skipped.append(
-                _skip(outcome["image"], REASON_DUPLICATE, f"same SOPInstanceUID as kept file {kept_by_uid[uid]}")
+                skip_outcome(outcome["image"], REASON_DUPLICATE, f"same SOPInstanceUID as kept file {kept_by_uid[uid]}")
             )
             continue
         if uid:
