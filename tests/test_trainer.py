@@ -13,8 +13,10 @@ from ignite.metrics import Accuracy
 from monai.engines.utils import IterationEvents
 from monai.handlers import LrScheduleHandler, from_engine
 from scripts.engine_metrics import engine_metrics, scalar_outputs
+from scripts.evaluator import SDLEvaluator
+from scripts.lr_schedule import paper_lr_scheduler
 from scripts.network import SDLNet
-from scripts.trainer import SDLEvaluator, SDLTrainer, paper_lr_scheduler
+from scripts.trainer import SDLTrainer
 from torch.utils.data import DataLoader, Dataset
 
 SIZE, BATCH, CLASSES = 64, 4, 3

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import bundle_run
 from monai.transforms import Flip
+from scripts.evaluator import SDLEvaluator
 from scripts.flags import as_flag
 from scripts.network import SDLNet
-from scripts.trainer import SDLEvaluator
 from scripts.tta import FlipTTAInferer, flip_images
 from torch.utils.data import DataLoader
 

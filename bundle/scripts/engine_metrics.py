@@ -2,7 +2,7 @@
 
 :func:`engine_metrics` builds the training metrics (from :class:`scripts.trainer.SDLTrainer`'s batched output
 dict: per-branch accuracy and cross-entropy, the synergic heads' accuracy and BCE, the epoch's mean loss) and the
-validation metrics (from :class:`scripts.trainer.SDLEvaluator`'s per-slice outputs: per-branch accuracy, the
+validation metrics (from :class:`scripts.evaluator.SDLEvaluator`'s per-slice outputs: per-branch accuracy, the
 ensemble's cross-entropy, optionally patient-level accuracy and AUC). The key metrics (``train_acc``,
 ``val_acc``) stay in the configs, where MONAI's engines take them.
 """
@@ -33,7 +33,7 @@ def scalar_outputs(output: Mapping) -> dict[str, float]:
 class BranchOutput:
     """``(probabilities, labels)`` of one branch from an evaluator's output, for per-branch metrics.
 
-    `scripts.trainer.SDLEvaluator` puts every branch's probabilities in ``branch_preds`` (``[N, C]`` per
+    `scripts.evaluator.SDLEvaluator` puts every branch's probabilities in ``branch_preds`` (``[N, C]`` per
     decollated sample, ``[B, N, C]`` for a whole batch).
     """
 

@@ -1,4 +1,4 @@
-"""MONAI engines for Synergic Deep Learning: a pair trainer, an ensemble evaluator and the paper's lr decay.
+"""The MONAI engine that trains Synergic Deep Learning: one step over N-tuples of slices, N CEs and the synergic BCEs.
 
 ``SDLTrainer`` overrides ``SupervisedTrainer._iteration`` (not ``iteration_update``, which would bypass AMP, the
 GradScaler and MONAI's iteration events) so handlers, metrics and ``from_engine`` keep working.
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -22,7 +22,7 @@ from scripts.flags import as_flag
 from scripts.network import SDLPairForward
 from scripts.pool_fold import check_optimizer
 
-__all__ = ["InverseTimeDecay", "SDLEvaluator", "SDLTrainer", "branch_letters", "paper_lr_scheduler", "sdl_net"]
+__all__ = ["SDLTrainer", "branch_letters", "memory_format", "sdl_net"]
 
 
 def branch_letters(num_branches: int) -> list[str]:
@@ -251,60 +251,3 @@ class SDLTrainer(SupervisedTrainer):
                 engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-
-class SDLEvaluator(SupervisedEvaluator):
-    """Evaluates (or infers on) unpaired batches ``{"image": [B,3,H,W], "label": [B] (optional)}``.
-
-    Runs the branches once through ``engine.inferer`` on ``network.branch_probabilities`` (DDP/compile wrappers and
-    ``SDLPairForward`` are unwrapped) and outputs ``pred`` = the branch mean ``[B, C]`` (the default prediction),
-    ``branch_preds`` ``[B, N, C]`` and ``label`` when the batch has one. Same constructor as ``SupervisedEvaluator``,
-    plus ``tta_flip``: when True the inferer is wrapped in :class:`scripts.tta.FlipTTAInferer`, so every branch's
-    probabilities (and hence ``pred``) are the mean over the image and its left-right mirror. It lives here, not
-    in each config's ``inferer``, so validation, ``run evaluating`` and ``run inference`` switch it the same way;
-    and ``channels_last`` (:func:`memory_format`).
-    """
-
-    def __init__(self, *args: Any, tta_flip: bool = False, channels_last: bool = False, **kwargs: Any) -> None:
-        from scripts.tta import FlipTTAInferer
-
-        super().__init__(*args, **kwargs)
-        self.memory_format = memory_format(self.network, channels_last)
-        self.tta_flip = as_flag(tta_flip)  # `--tta_flip false` arrives as the string "false"
-        if self.tta_flip:
-            self.inferer = FlipTTAInferer(self.inferer)
-
-    def _iteration(self, engine: SDLEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0].contiguous(memory_format=engine.memory_format), batch[1]
-        net = sdl_net(engine.network)
-        with engine.mode(engine.network):
-            if engine.amp:
-                with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs):
-                    branch_preds = engine.inferer(inputs, net.branch_probabilities)
-            else:
-                branch_preds = engine.inferer(inputs, net.branch_probabilities)
-        branch_preds = branch_preds.float()
-        engine.state.output = {Keys.IMAGE: inputs, Keys.PRED: branch_preds.mean(dim=1), "branch_preds": branch_preds}
-        if targets is not None:
-            engine.state.output[Keys.LABEL] = targets
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
-
-
-class InverseTimeDecay:
-    """``lr_lambda`` of the paper's schedule, lr / (1 + decay * epoch); a class so LambdaLR can checkpoint it."""
-
-    def __init__(self, decay: float = 1e-4) -> None:
-        self.decay = float(decay)
-
-    def __call__(self, epoch: int) -> float:
-        return 1.0 / (1.0 + self.decay * epoch)
-
-
-def paper_lr_scheduler(optimizer: torch.optim.Optimizer, decay: float = 1e-4) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr_t = lr_0 / (1 + decay * t), t = completed epochs; use with ``LrScheduleHandler(epoch_level=True)``."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=InverseTimeDecay(decay))
