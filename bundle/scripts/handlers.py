@@ -1,4 +1,4 @@
-"""The engine handlers of this bundle's own: the best-model saver, the learning-rate recorder, and a helper that
+"""Engine handlers this bundle adds to MONAI's: the best-model saver, the learning-rate recorder, and a helper that
 attaches handlers to an engine after it exists. (The pair re-drawing lives with the pairs, `scripts.pairs`; the
 per-epoch re-seeding with the other random state, `scripts.reproducibility`; the prediction writer with the
 reports it writes, `scripts.reports`.)
