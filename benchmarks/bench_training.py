@@ -193,7 +193,7 @@ class Ours:
         self.seconds += self.stamps[-1] - self.stamps[warm - 1]
         self.steps += iters
         self.overhead.collect(warm, iters)
-        self.loss = float(self.trainer.state.output["loss"])
+        self.loss = float(self.trainer.state.output[0]["loss"])
 
 
 # ---------------------------------------------------------------------------------------------------- NAIVE

@@ -64,7 +64,7 @@ def _loader(**kwargs) -> DataLoader:
 
 
 def test_two_epochs_output_and_events():
-    trainer = _trainer(_net(), _loader(length=8), max_epochs=2)
+    trainer = _trainer(_net(), _loader(length=8), max_epochs=2, decollate=False)
     counts: Counter = Counter()
     order: list[str] = []
     for event in (
@@ -115,18 +115,19 @@ def test_first_steps_update_both_branches_and_the_head():
     }
     before = {k: v.detach().clone() for k, v in tracked.items()}
     output = net.branches[0].classifier[1].weight
-    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1).run()
+    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1, decollate=False).run()
     assert output.abs().sum() > 0
     assert all(torch.equal(param, before[name]) for name, param in tracked.items())
-    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1).run()
+    _trainer(net, _loader(length=4), lr=0.1, epoch_length=1, decollate=False).run()
     for name, param in tracked.items():
         assert not torch.equal(param, before[name]), name
 
 
 @pytest.mark.parametrize("num_branches", [1, 2, 3])
 def test_training_metrics_from_one_factory_equal_the_step_outputs(num_branches):
-    """The trainer keeps its batched output dict, so ``from_engine`` and the factory's plain key lookups give each
-    epoch metric: checked against the outputs of every step, for N branches (1 = the single-network baseline)."""
+    """The factory's metrics, on MONAI's decollated trainer output (the default, which ``--tracking`` expects),
+    equal what each step computed (its batched output, taken before decollation), for N branches (1 = the
+    single-network baseline)."""
     loader = _loader(length=12, num_branches=num_branches)
     if num_branches == 1:  # the baseline trains on plain image/label batches
         loader = [{"image": b["image_a"], "label": b["label_a"]} for b in loader]
@@ -135,10 +136,11 @@ def test_training_metrics_from_one_factory_equal_the_step_outputs(num_branches):
     for name, metric in engine_metrics("train", num_branches).items():
         metric.attach(trainer, name)
     outputs = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
     trainer.run()
     metrics = trainer.state.metrics
-    assert isinstance(trainer.state.output, dict) and len(outputs) == 3
+    assert isinstance(trainer.state.output, list) and len(trainer.state.output) == num_branches * BATCH
+    assert len(outputs) == 3
     synergic = {"train_synergic_acc", "train_synergic_bce"} if num_branches > 1 else set()
     per_branch = {f"train_{kind}_branch{b}" for kind in ("acc", "ce") for b in range(1, num_branches + 1)}
     assert set(metrics) == {"train_acc", "train_loss_epoch"} | per_branch | synergic
@@ -158,7 +160,8 @@ def test_training_metrics_from_one_factory_equal_the_step_outputs(num_branches):
     if synergic:
         assert metrics["train_synergic_bce"] == pytest.approx(mean_of("synergic_bce"), abs=1e-6)
         assert metrics["train_synergic_acc"] == pytest.approx(mean_of("synergic_acc"), abs=1e-6)
-    scalars = scalar_outputs(outputs[-1])  # what TensorBoard plots each step: the scalars, not the tensors
+    scalars = scalar_outputs(trainer.state.output)  # what TensorBoard plots each step: the scalars only
+    assert scalars == {k: pytest.approx(float(v)) for k, v in scalar_outputs(outputs[-1]).items()}
     assert set(scalars) == {"loss"} | {f"ce_{c}" for c in string.ascii_lowercase[:num_branches]} | (
         {"synergic_bce", "synergic_acc"} if synergic else set()
     )
@@ -193,7 +196,7 @@ def test_lr_follows_inverse_time_decay(decay):
 
 
 def test_three_branches_train():
-    trainer = _trainer(_net(num_branches=3), _loader(length=4, num_branches=3))
+    trainer = _trainer(_net(num_branches=3), _loader(length=4, num_branches=3), decollate=False)
     trainer.run()
     out = trainer.state.output
     assert {"ce_a", "ce_b", "ce_c", "pred_c", "label_c"} <= set(out)
@@ -255,7 +258,9 @@ def test_loss_decreases_on_learnable_task():
     net = SDLNet(backbone="resnet18", hidden_size=32, synergic_hidden=16, dropout=0.0)
     loader = DataLoader(PairDataset(length=16, learnable=True, seed=1), batch_size=BATCH, shuffle=False)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    trainer = SDLTrainer(device="cpu", max_epochs=5, train_data_loader=loader, network=net, optimizer=optimizer)
+    trainer = SDLTrainer(
+        device="cpu", max_epochs=5, train_data_loader=loader, network=net, optimizer=optimizer, decollate=False
+    )
     epoch_losses: list[float] = []
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
@@ -272,7 +277,7 @@ def test_loss_decreases_on_learnable_task():
 
 def test_amp_path_runs_on_cpu():
     """amp=True takes the autocast + GradScaler branch (the scaler disables itself without CUDA)."""
-    trainer = _trainer(_net(), _loader(length=4), amp=True)
+    trainer = _trainer(_net(), _loader(length=4), amp=True, decollate=False)
     trainer.run()
     assert trainer.scaler is not None
     assert torch.isfinite(trainer.state.output["loss"]) and trainer.state.output["pred"].dtype == torch.float32

@@ -10,7 +10,6 @@ ensemble's cross-entropy, optionally patient-level accuracy and AUC). The key me
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from operator import itemgetter
 
 import torch
 from ignite.engine import Engine
@@ -24,28 +23,40 @@ from scripts.trainer import branch_letters
 __all__ = ["BranchOutput", "PatientLevelMetric", "engine_metrics", "scalar_outputs"]
 
 
-def scalar_outputs(output: Mapping) -> dict[str, float]:
-    """The scalar entries of the trainer's output (``loss``, ``ce_a``, ``synergic_bce``, ...), for
-    `TensorBoardStatsHandler`'s per-iteration curves; the prediction and label tensors are left out."""
-    return {key: float(value) for key, value in output.items() if torch.as_tensor(value).ndim == 0}
+def scalar_outputs(output: Mapping | list) -> dict[str, float]:
+    """The per-step scalars of the trainer's output (``loss``, ``ce_a``, ``synergic_bce``, ...), for
+    `TensorBoardStatsHandler`'s per-iteration curves. MONAI decollates the output into one dict per sample and
+    repeats the batch's scalars in each, so the first sample holds them all."""
+    first = output[0] if isinstance(output, list) else output
+    return {key: float(value) for key, value in first.items() if key == "loss" or key.startswith(("ce_", "synergic_"))}
 
 
 class BranchOutput:
-    """``(probabilities, labels)`` of one branch from an evaluator's output, for per-branch metrics.
+    """``(probabilities, labels)`` of one branch, for per-branch metrics of either engine.
 
-    `scripts.evaluator.SDLEvaluator` puts every branch's probabilities in ``branch_preds`` (``[N, C]`` per
-    decollated sample, ``[B, N, C]`` for a whole batch).
+    `scripts.trainer.SDLTrainer` gives each branch's own images' probabilities as ``pred_<letter>`` with
+    ``label_<letter>`` (decollation pads them with None past the branch's ``B`` samples, because ``pred`` holds all
+    ``N*B``); `scripts.evaluator.SDLEvaluator` gives every branch's probabilities for the same slices in
+    ``branch_preds`` (``[N, C]`` per decollated sample, ``[B, N, C]`` for a whole batch) beside ``label``.
     """
 
     def __init__(self, branch: int) -> None:
         self.branch = branch
+        self.pred_key, self.label_key = (f"{key}_{branch_letters(branch + 1)[-1]}" for key in ("pred", "label"))
 
     def __call__(self, output) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(output, dict):
+        if isinstance(output, Mapping):
+            if self.pred_key in output:
+                return output[self.pred_key], output[self.label_key]
             return output["branch_preds"][:, self.branch], output["label"]
-        preds = torch.stack([o["branch_preds"][self.branch] for o in output])
-        labels = torch.stack([torch.as_tensor(o["label"]) for o in output])
-        return preds, labels
+        if self.pred_key in output[0]:
+            kept = [o for o in output if o.get(self.pred_key) is not None]
+            preds = [o[self.pred_key] for o in kept]
+            labels = [o[self.label_key] for o in kept]
+        else:
+            preds = [o["branch_preds"][self.branch] for o in output]
+            labels = [o["label"] for o in output]
+        return torch.stack(preds), torch.stack([torch.as_tensor(label) for label in labels])
 
 
 class PatientLevelMetric(Metric):
@@ -109,13 +120,13 @@ def engine_metrics(stage: str, num_branches: int, patient_level: bool = False) -
     """
     if stage == "train":
         metrics: dict[str, Metric] = {}
-        for b, letter in enumerate(branch_letters(num_branches), start=1):
-            metrics[f"train_acc_branch{b}"] = Accuracy(output_transform=itemgetter(f"pred_{letter}", f"label_{letter}"))
-            metrics[f"train_ce_branch{b}"] = Average(output_transform=itemgetter(f"ce_{letter}"))
-        metrics["train_loss_epoch"] = Average(output_transform=itemgetter("loss"))
+        for b, letter in enumerate(branch_letters(num_branches)):
+            metrics[f"train_acc_branch{b + 1}"] = Accuracy(output_transform=BranchOutput(b))
+            metrics[f"train_ce_branch{b + 1}"] = Average(output_transform=from_engine([f"ce_{letter}"], first=True))
+        metrics["train_loss_epoch"] = Average(output_transform=from_engine(["loss"], first=True))
         if num_branches > 1:
-            metrics["train_synergic_acc"] = Average(output_transform=itemgetter("synergic_acc"))
-            metrics["train_synergic_bce"] = Average(output_transform=itemgetter("synergic_bce"))
+            for name in ("synergic_acc", "synergic_bce"):
+                metrics[f"train_{name}"] = Average(output_transform=from_engine([name], first=True))
         return metrics
     if stage != "validation":
         raise ValueError(f"stage must be 'train' or 'validation', got {stage!r}")

@@ -84,9 +84,11 @@ class SDLTrainer(SupervisedTrainer):
         ``pred`` ``[N*B, C]`` each branch's probabilities for its own images and ``label`` ``[N*B]`` (so
         ``from_engine(["pred", "label"])`` gives training accuracy); ``pred_a``/``label_a``, ... per branch.
 
-    The output stays this one batched dict (``decollate=False`` by default, unlike SupervisedTrainer: its keys have
-    different lengths, ``pred`` ``N*B`` rows and ``pred_a`` ``B``), so ``from_engine(["pred", "label"])`` and plain
-    key lookups (:func:`scripts.engine_metrics.engine_metrics`) feed Ignite's metrics directly. ``network`` is an
+    MONAI decollates this dict into ``N*B`` per-sample dicts after ``MODEL_COMPLETED`` (``decollate=True``, as in
+    SupervisedTrainer, which MONAI's ``--tracking`` handlers expect): scalars are repeated in each, ``pred_a``/
+    ``label_a``... are padded with None past ``B`` samples. ``from_engine`` and
+    :func:`scripts.engine_metrics.engine_metrics` read that form; ``decollate=False`` keeps the batched dict.
+    ``network`` is an
     ``SDLNet``, or for DistributedDataParallel ``DDP(SDLPairForward(net))``, which the pair forward is called
     through (``DDP(SDLNet)`` is refused: it would bypass DDP). A network with folded pooling (``scripts.pool_fold``)
     needs an optimizer built on ``parameter_groups``; another is refused. Extra args: ``synergic_loss`` (default
@@ -116,7 +118,7 @@ class SDLTrainer(SupervisedTrainer):
         amp: bool = False,
         event_names: list | None = None,
         event_to_attr: dict | None = None,
-        decollate: bool = False,
+        decollate: bool = True,
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
