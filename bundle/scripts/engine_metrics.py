@@ -1,10 +1,10 @@
 """The Ignite metrics the engines compute each epoch, for any number of branches, from one factory.
 
-:func:`engine_metrics` builds the training metrics (from :class:`scripts.trainer.SDLTrainer`'s batched output
-dict: per-branch accuracy and cross-entropy, the synergic heads' accuracy and BCE, the epoch's mean loss) and the
-validation metrics (from :class:`scripts.evaluator.SDLEvaluator`'s per-slice outputs: per-branch accuracy, the
-ensemble's cross-entropy, optionally patient-level accuracy and AUC). The key metrics (``train_acc``,
-``val_acc``) stay in the configs, where MONAI's engines take them.
+:func:`engine_metrics` builds the training metrics (from :class:`scripts.trainer.SDLTrainer`'s output, decollated by
+MONAI into per-sample dicts: per-branch accuracy and cross-entropy, the synergic heads' accuracy and BCE, the
+epoch's mean loss) and the validation metrics (from :class:`scripts.evaluator.SDLEvaluator`'s per-slice outputs:
+per-branch accuracy, the ensemble's cross-entropy, optionally patient-level accuracy and AUC). The key metrics
+(``train_acc``, ``val_acc``) stay in the configs, where MONAI's engines take them.
 """
 
 from __future__ import annotations

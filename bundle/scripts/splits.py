@@ -216,6 +216,7 @@ def make_splits(
 
 
 def _keep_predefined_split(records: list[Record], *, protocol: str, val_fraction: float, seed: int) -> dict:
+    """The records' own train/validation/test, a validation part carved from train when there is none."""
     unknown = sorted({str(r.get("split")) for r in records} - {"train", "validation", "test"})
     if unknown:
         raise ValueError(f"records with a predefined split must use train/validation/test, found {unknown}")
@@ -225,7 +226,7 @@ def _keep_predefined_split(records: list[Record], *, protocol: str, val_fraction
 
     train, validation, test = part("train"), part("validation"), part("test")
     if not validation:
-        carved = _split(train, protocol, val_fraction, 0.0, seed, 0, 1)
+        carved = _split(train, protocol, val_fraction, test_fraction=0.0, seed=seed, fold=0, n_folds=1)
         train, validation = carved["train"], carved["validation"]
     logger.info(
         "predefined split kept: %d train, %d validation%s, %d test (test_fraction unused)",
@@ -240,6 +241,7 @@ def _keep_predefined_split(records: list[Record], *, protocol: str, val_fraction
 def _split(
     records: list[Record], protocol: str, val_fraction: float, test_fraction: float, seed: int, fold: int, n_folds: int
 ) -> dict[str, list[Record]]:
+    """The protocol's split of records without a predefined one."""
     if protocol == "kfold":
         if not 0 <= fold < n_folds:
             raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")

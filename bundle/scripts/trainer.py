@@ -88,13 +88,12 @@ class SDLTrainer(SupervisedTrainer):
     SupervisedTrainer, which MONAI's ``--tracking`` handlers expect): scalars are repeated in each, ``pred_a``/
     ``label_a``... are padded with None past ``B`` samples. ``from_engine`` and
     :func:`scripts.engine_metrics.engine_metrics` read that form; ``decollate=False`` keeps the batched dict.
-    ``network`` is an
-    ``SDLNet``, or for DistributedDataParallel ``DDP(SDLPairForward(net))``, which the pair forward is called
-    through (``DDP(SDLNet)`` is refused: it would bypass DDP). A network with folded pooling (``scripts.pool_fold``)
-    needs an optimizer built on ``parameter_groups``; another is refused. Extra args: ``synergic_loss`` (default
-    ``BCEWithLogitsLoss``); ``loss_function`` is the per-branch classification loss (default ``CrossEntropyLoss``);
-    ``optim_set_to_none`` defaults to True; ``channels_last`` puts the network's weights and each batch in NHWC
-    order (:func:`memory_format`).
+    ``network`` is an ``SDLNet``, or for DistributedDataParallel ``DDP(SDLPairForward(net))``, which the pair
+    forward is called through (``DDP(SDLNet)`` is refused: it would bypass DDP). A network with folded pooling
+    (``scripts.pool_fold``) needs an optimizer built on ``parameter_groups``; another is refused. Extra args:
+    ``synergic_loss`` (default ``BCEWithLogitsLoss``); ``loss_function`` is the per-branch classification loss
+    (default ``CrossEntropyLoss``); ``optim_set_to_none`` defaults to True; ``channels_last`` puts the network's
+    weights and each batch in NHWC order (:func:`memory_format`).
     """
 
     def __init__(
