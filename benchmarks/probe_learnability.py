@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.demo or default_cache_dir()
     paths = ensure_demo_dataset(root, n_patients_per_grade=args.patients_per_grade)
-    records = resolve_datalist(dataset_dir=paths["dicom_dir"], grades_csv=paths["grades_csv"],
+    records = resolve_datalist(dicom_source={"dataset_dir": paths["dicom_dir"], "grades_csv": paths["grades_csv"]},
                                index_output=str(Path(root).with_name(Path(root).name + "_probe_datalist.json")),
                                label_map={"II": 0, "III": 1, "IV": 2})  # fmt: skip
     with open(Path(root) / "masks" / "masks.csv") as f:

@@ -78,6 +78,24 @@ def test_a_stopped_run_writes_the_last_finished_epoch_not_the_broken_one(tmp_pat
     assert set(state["optimizer"]["state"]) == {0, 1}  # momentum buffers travel too
 
 
+def test_resume_loads_the_newest_checkpoint_and_a_reader_only_rank_writes_nothing(tmp_path):
+    engine, model, optimizer, weights = _trainer(3)
+    run_training(engine, ResumeCheckpointer(tmp_path, {"model": model, "optimizer": optimizer, "trainer": engine}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]
+
+    engine, model, optimizer, _ = _trainer(5)  # a fresh model, as a resumed process builds it
+    loaded = {}
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: loaded.setdefault("weight", model.weight.clone()))
+    reader = ResumeCheckpointer(
+        tmp_path, {"model": model, "optimizer": optimizer, "trainer": engine}, resume="true", write=False
+    )
+    reader.attach(engine)
+    run_training(engine, reader)  # attaching again changes nothing: the checkpoint is loaded once
+    assert torch.equal(loaded["weight"], weights[3])  # epoch 4 started from epoch 3's weights
+    assert engine.state.epoch == 5 and engine.state.iteration == 5 * 4  # epochs 4 and 5 only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]  # wrote nothing
+
+
 def test_interval_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         ResumeCheckpointer(tmp_path, {"model": torch.nn.Linear(1, 1)}, 0)

@@ -31,7 +31,6 @@ from scripts.dicom_index import (
     build_datalist,
     index_dicom_tree,
     inspect_file,
-    select_t1_sagittal,
     write_datalist,
 )
 from scripts.synthetic_dicom import AXIAL, CORONAL, LOCALIZER_IMAGE_TYPE, write_mr_slice
@@ -356,13 +355,13 @@ def test_slices_sorted_by_patient_series_instance(tmp_path):
     assert keys == sorted(keys)
 
 
-def test_select_t1_sagittal_accepts_file_series_and_tree(tmp_path):
+def test_index_dicom_tree_accepts_file_series_and_tree(tmp_path):
     series = tmp_path / "P1" / "st" / "se"
     files = [mr(series / f"{i}.dcm", instance=i) for i in range(1, 4)]
     mr(tmp_path / "P1" / "st" / "ax" / "1.dcm", orientation=AXIAL)
-    assert select_t1_sagittal(files[0]).n_selected == 1
-    assert select_t1_sagittal(series).n_selected == 3
-    tree = select_t1_sagittal(tmp_path)
+    assert index_dicom_tree(files[0]).n_selected == 1
+    assert index_dicom_tree(series).n_selected == 3
+    tree = index_dicom_tree(tmp_path)
     assert tree.n_selected == 3 and tree.skipped_by_reason == {"not_sagittal": 1}
 
 

@@ -101,7 +101,7 @@ def test_exported_torchscript_matches_the_eager_model_in_a_process_without_scrip
 
     extra = json.loads((folder / f"extra{batch}.json").read_text())
     assert extra["meta"]["network_data_format"]["outputs"]["pred"]["channel_def"]["2"] == "grade IV"
-    assert extra["inference"]["network_def"]["_target_"] == "scripts.network.SDLNet"
+    assert extra["inference"]["network_def"]["_target_"] == "scripts.network.SDLNet.from_settings"
 
 
 def test_export_refuses_a_checkpoint_of_another_architecture(tmp_path):

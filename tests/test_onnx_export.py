@@ -133,7 +133,7 @@ def test_onnx_model_carries_the_bundle_metadata_and_config(exported):
     props = {p.key: p.value for p in onnx.load(str(exported["onnx"]), load_external_data=False).metadata_props}
     meta = json.loads(props["metadata.json"])
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["2"] == "grade IV"
-    assert json.loads(props["inference.json"])["network_def"]["_target_"] == "scripts.network.SDLNet"
+    assert json.loads(props["inference.json"])["network_def"]["_target_"] == "scripts.network.SDLNet.from_settings"
     assert json.loads(props["overrides.json"])["hidden_size"] == HIDDEN
 
 
@@ -184,7 +184,7 @@ def test_pt2_program_matches_the_eager_model_in_a_process_without_scripts(traine
     extra = json.loads((folder / "pt2_extra.json").read_text())
     assert extra["refused"], "the program ran on an image of another size"
     assert extra["metadata.json"]["network_data_format"]["inputs"]["image"]["num_channels"] == 3
-    assert extra["inference.json"]["network_def"]["_target_"] == "scripts.network.SDLNet"
+    assert extra["inference.json"]["network_def"]["_target_"] == "scripts.network.SDLNet.from_settings"
 
 
 def test_export_refuses_a_checkpoint_of_another_architecture(tmp_path):

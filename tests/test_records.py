@@ -47,7 +47,7 @@ def test_datalist_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"bad.json.*record 0 lacks \['patient_id'\]"):
         load_datalist(bad)
     with pytest.raises(ValueError, match="needs --grades_csv"):
-        resolve_datalist(dataset_dir=str(tmp_path))
+        resolve_datalist(dicom_source={"dataset_dir": str(tmp_path)})
 
 
 def _slice(path) -> str:

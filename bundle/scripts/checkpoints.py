@@ -107,19 +107,38 @@ def _to_cpu_copy(state: Any) -> Any:
 class ResumeCheckpointer:
     """Write ``save_dir/checkpoint_epoch=N.pt`` (the state_dicts of ``save_dict``) every ``interval`` epochs and
     after the last epoch; between those, keep the last finished epoch's state in memory for :meth:`save_last`.
-
     With ``interval=1`` nothing is kept in memory (the last finished epoch is always on disk).
+
+    With ``resume`` it first loads the newest checkpoint in ``save_dir`` into ``save_dict`` when the run starts
+    (:func:`resume_handlers`); ``write=False`` only loads (the ranks after the first of a distributed run).
     """
 
-    def __init__(self, save_dir: str | Path, save_dict: Mapping[str, Any], interval: int = 1) -> None:
+    def __init__(
+        self,
+        save_dir: str | Path,
+        save_dict: Mapping[str, Any],
+        interval: int = 1,
+        resume: bool = False,
+        write: bool = True,
+        map_location: Any = None,
+    ) -> None:
         interval = int(interval)
         if interval < 1:
             raise ValueError(f"checkpoint_interval must be at least 1 epoch, got {interval}")
         self.save_dir, self.save_dict, self.interval = Path(save_dir), dict(save_dict), interval
+        self.resume, self.write, self.map_location = as_flag(resume), as_flag(write), map_location
         self._pending: tuple[int, dict] | None = None  # (epoch, state) not yet on disk
+        self._engine: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        """Load the checkpoint to resume from (if asked) and write checkpoints; attaching twice changes nothing."""
+        if engine is self._engine:
+            return
+        self._engine = engine
+        for loader in resume_handlers(self.resume, str(self.save_dir), self.save_dict, self.map_location):
+            loader.attach(engine)
+        if self.write:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def epoch_completed(self, engine: Engine) -> None:
         epoch = engine.state.epoch
@@ -158,7 +177,10 @@ def _unreadable(path: Path) -> str:
 
 
 def run_training(trainer: Engine, checkpointer: ResumeCheckpointer | None = None) -> Engine:
-    """``trainer.run()``; if it stops on an error or Ctrl-C, first write the last finished epoch's checkpoint."""
+    """Attach ``checkpointer`` (it refers to the trainer, so it cannot be one of the trainer's own handlers) and
+    ``trainer.run()``; if the run stops on an error or Ctrl-C, first write the last finished epoch's checkpoint."""
+    if checkpointer is not None:
+        checkpointer.attach(trainer)
     try:
         trainer.run()
     except BaseException:

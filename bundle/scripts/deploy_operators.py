@@ -48,6 +48,7 @@ from pydicom.uid import generate_uid
 
 from scripts.dicom_index import first_of_each_instance, inspect_file
 from scripts.dicom_reader import DicomSliceReader
+from scripts.flags import as_flag
 from scripts.model_settings import DEFAULTS, read_model_settings
 from scripts.network import load_state_dict_file
 from scripts.reports import average_by
@@ -217,8 +218,6 @@ def load_grading_model(model_path: str | Path, device: torch.device | None = Non
     preprocessing = _without_loader(parser.get_parsed_content("preprocessing"))
     tta_flip = False
     if parser.get("tta_flip") is not None:  # configs with the switch also have scripts.tta
-        from scripts.flags import as_flag
-
         tta_flip = as_flag(parser.get_parsed_content("tta_flip"))
     network.eval()
     model = GradingModel(
@@ -226,7 +225,7 @@ def load_grading_model(model_path: str | Path, device: torch.device | None = Non
         preprocessing=preprocessing,
         class_names=class_names,
         display_names=display_names,
-        include_post_contrast=bool(include_post_contrast),
+        include_post_contrast=as_flag(include_post_contrast),
         device=device,
         source=source,
         path=str(path),

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from .datalist_report import render_report, write_skipped_csv
 from .dicom_headers import read_header
 from .dicom_rules import classify_header, skip_outcome
+from .flags import as_flag
 from .grades import normalise_id, read_grades
 from .skip_reasons import (
     REASON_DICOMDIR,
@@ -58,7 +59,6 @@ __all__ = [
     "first_of_each_instance",
     "index_dicom_tree",
     "inspect_file",
-    "select_t1_sagittal",
     "write_datalist",
 ]
 
@@ -259,7 +259,8 @@ def first_of_each_instance(outcomes: Iterable[Mapping[str, Any]]) -> tuple[list[
 def index_dicom_tree(
     root: str | Path, *, include_post_contrast: bool = True, workers: int | None = None
 ) -> IndexResult:
-    """Index every candidate file under ``root`` (a tree, a series folder or one file).
+    """Index every candidate file under ``root`` (a tree, a series folder or one file): the selection for
+    training's datalist (:func:`build_datalist`) and for inference, where no grades are involved.
 
     Returns selected T1-weighted sagittal MR slices and the skipped files with reasons. An empty selection
     is not an error here (callers decide); a missing ``root`` raises ``FileNotFoundError``.
@@ -269,7 +270,7 @@ def index_dicom_tree(
         raise FileNotFoundError(f"DICOM root not found: {root_path}")
     resolved = root_path.resolve()
     paths, folders_not_walked = _candidate_files(resolved)
-    outcomes = _inspect_all(paths, include_post_contrast, workers)
+    outcomes = _inspect_all(paths, as_flag(include_post_contrast), workers)  # `--... false` arrives as text
 
     result = IndexResult(root=str(resolved), files_scanned=len(paths))
     result.skipped.extend(folders_not_walked)
@@ -282,13 +283,6 @@ def index_dicom_tree(
     result.slices.sort(key=_slice_sort_key)
     result.skipped.sort(key=lambda item: item["path"])
     return result
-
-
-def select_t1_sagittal(
-    input_path: str | Path, *, include_post_contrast: bool = True, workers: int | None = None
-) -> IndexResult:
-    """Selection for inference: one DICOM file, a series folder or a whole tree; no grades involved."""
-    return index_dicom_tree(input_path, include_post_contrast=include_post_contrast, workers=workers)
 
 
 # --- join with grades ------------------------------------------------------------------------------------------

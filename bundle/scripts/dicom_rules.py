@@ -16,7 +16,6 @@ import pydicom
 from pydicom.uid import UID
 
 from .dicom_headers import header_overrun, int_or_none, number, pixel_problem, text
-from .flags import as_flag
 from .skip_reasons import (
     REASON_LOCALIZER,
     REASON_MULTI_FRAME,
@@ -194,7 +193,7 @@ def classify_header(
     if weighting != "T1":
         return skip_outcome(path, _NOT_T1_REASONS.get(weighting, REASON_NOT_T1_UNKNOWN), f"{weighting}: {why}")
     contrast = _post_contrast(ds, upper, tokens)
-    if contrast and not as_flag(include_post_contrast):
+    if contrast and not include_post_contrast:
         return skip_outcome(path, REASON_POST_CONTRAST, contrast)
     return {
         "image": path,

@@ -1,14 +1,14 @@
-"""Engine handlers this bundle adds to MONAI's: the best-model saver, the learning-rate recorder, and a helper that
-attaches handlers to an engine after it exists. (The pair re-drawing lives with the pairs, `scripts.pairs`; the
-per-epoch re-seeding with the other random state, `scripts.reproducibility`; the prediction writer with the
-reports it writes, `scripts.reports`.)
+"""Engine handlers this bundle adds to MONAI's: the best-model saver and the learning-rate recorder. (The pair
+re-drawing lives with the pairs, `scripts.pairs`; the per-epoch re-seeding with the other random state,
+`scripts.reproducibility`; the prediction writer with the reports it writes, `scripts.reports`; the resume
+checkpoints, `scripts.checkpoints`.)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from scripts.checkpoints import atomic_save
 from scripts.flags import as_flag
 from scripts.model_settings import write_model_settings
 
-__all__ = ["BestModelSaver", "LearningRateRecorder", "attach_handlers"]
+__all__ = ["BestModelSaver", "LearningRateRecorder"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +84,3 @@ class BestModelSaver:
             write_model_settings(self.path, self.settings)
         self.metric_path.write_text(json.dumps({self.metric_name: value, "epoch": engine.state.epoch}))
         logger.info("saved %s (%s %.4f)", self.path, self.metric_name, value)
-
-
-def attach_handlers(engine: Engine, handlers: Sequence) -> Engine:
-    """Attach handlers to an engine that already exists (those whose config refers to the engine itself)."""
-    for handler in handlers:
-        handler.attach(engine)
-    return engine

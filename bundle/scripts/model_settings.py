@@ -40,6 +40,7 @@ __all__ = [
     "SETTING_KEYS",
     "SettingsConflict",
     "check_settings",
+    "normalised_settings",
     "prepare_training_outputs",
     "read_model_settings",
     "require_model",
@@ -76,7 +77,7 @@ class SettingsConflict(ValueError):
     """A value given for a run disagrees with the settings the model was trained with."""
 
 
-def _normalised(settings: Mapping[str, Any]) -> dict[str, Any]:
+def normalised_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Values as one type each, whether they came from YAML, JSON or the command line (``"64"``, ``"false"``)."""
     out: dict[str, Any] = {}
     for key in SETTING_KEYS:
@@ -97,14 +98,14 @@ def _normalised(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def settings_json(settings: Mapping[str, Any]) -> str:
     """The settings as the file holds them: :data:`SETTING_KEYS`, the class names in order and the scaling."""
-    values = _normalised(settings)
+    values = normalised_settings(settings)
     values["class_names"] = sorted(values["label_map"], key=values["label_map"].get)
     values["intensity_scaling"] = INTENSITY_SCALING
     return json.dumps(values, indent=1)
 
 
 def _differences(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
-    recorded, given = _normalised(recorded), _normalised(given)
+    recorded, given = normalised_settings(recorded), normalised_settings(given)
     return [
         f"{key}: {given[key]!r} here, {recorded[key]!r} in training"
         for key in SETTING_KEYS
@@ -115,7 +116,7 @@ def _differences(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> list[
 def _read_settings_file(path: Path) -> dict[str, Any]:
     try:
         recorded = json.loads(path.read_text())
-        settings = _normalised({**DEFAULTS, **{k: recorded[k] for k in SETTING_KEYS if k in recorded}})
+        settings = normalised_settings({**DEFAULTS, **{k: recorded[k] for k in SETTING_KEYS if k in recorded}})
     except (ValueError, TypeError, AttributeError) as error:
         raise SettingsConflict(f"{path} is not a settings file this bundle can read: {error}") from error
     scaling = recorded.get("intensity_scaling", INTENSITY_SCALING)
@@ -167,7 +168,7 @@ def check_settings(trained: Mapping[str, Any], given: Mapping[str, Any]) -> dict
     Without a settings file (``trained["_source"]`` is None) the given values are the only ones there are.
     """
     if trained.get("_source") is None:
-        return _normalised(given)
+        return normalised_settings(given)
     differences = _differences(trained, given)
     if differences:
         raise SettingsConflict(
@@ -175,7 +176,7 @@ def check_settings(trained: Mapping[str, Any], given: Mapping[str, Any]) -> dict
             + "; ".join(differences)
             + ". Leave these options out to use the trained values."
         )
-    return _normalised(given)
+    return normalised_settings(given)
 
 
 def write_model_settings(model_file: str | os.PathLike, settings: Mapping[str, Any]) -> Path:

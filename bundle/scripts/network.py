@@ -34,7 +34,7 @@ import torchvision
 from torch import nn
 
 from scripts.flags import as_flag
-from scripts.model_settings import settings_json
+from scripts.model_settings import normalised_settings, settings_json
 from scripts.pool_fold import fold_backbone_pooling
 
 __all__ = [
@@ -305,6 +305,18 @@ def _synergic_head(in_features: int, hidden: int) -> nn.Module:
     return head
 
 
+# the settings that shape the network (the others shape its input)
+_ARCHITECTURE_SETTINGS = (
+    "backbone",
+    "num_branches",
+    "hidden_size",
+    "fusion",
+    "fold_pooling",
+    "image_size",
+    "pretrained",
+)
+
+
 class SDLNet(nn.Module):
     """SDL^n classifier: ``num_branches`` independent branches and C(n, 2) synergic heads.
 
@@ -389,6 +401,20 @@ class SDLNet(nn.Module):
         if all(branch.from_scratch for branch in self.branches):
             for head in self.heads:  # the synergic logit starts at 0 (p = 0.5) for the same reason
                 zero_output_layer(head)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], **options: Any) -> SDLNet:
+        """The network a model's settings describe (:data:`scripts.model_settings.SETTING_KEYS`; the classes are
+        the label map's), carrying them as ``model_settings``: the one way training, evaluation, inference and
+        export build it, so none repeats the settings one by one.
+
+        ``options`` are the constructor's other arguments (``synergic_lambda``, where ImageNet weights come
+        from) and override a setting of the same name, as evaluation's ``pretrained=False`` does: its weights
+        come from ``model.pt``. Values arriving as command-line text (``"false"``, ``"64"``) are read once here.
+        """
+        values = normalised_settings(settings)
+        architecture = {key: values[key] for key in _ARCHITECTURE_SETTINGS}
+        return cls(num_classes=len(values["label_map"]), settings=values, **{**architecture, **options})
 
     def branch_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities of every branch for the same images: ``[B, N, C]``."""

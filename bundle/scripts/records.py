@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +45,12 @@ def load_datalist(path: str | Path) -> list[dict]:
 
 def resolve_datalist(
     datalist: str | None = None,
-    dataset_dir: str | None = None,
-    grades_csv: str | None = None,
+    dicom_source: Mapping[str, Any] | None = None,
     *,
-    index_output: str | None = None,
-    patient_column: str = "Sample",
-    grade_column: str = "Grade",
-    label_map: Mapping[str, int] | None = None,
-    grade_aliases: Mapping[str, str] | None = None,
-    include_post_contrast: bool = True,
-    demo_cache_dir: str | None = None,
     image_folder: str | None = None,
+    label_map: Mapping[str, int] | None = None,
+    index_output: str | None = None,
+    demo_cache_dir: str | None = None,
     skipped_csv: str | None = None,
 ) -> list[dict]:
     """The records a run trains and evaluates on, from the first source given, less any that cannot be loaded.
@@ -62,19 +58,23 @@ def resolve_datalist(
     1. ``datalist``: a JSON written by ``run indexing`` (or by hand);
     2. ``image_folder``: a folder-per-class PNG/JPG dataset (``scripts.image_folder``) indexed now, its
        datalist and skipped-files CSV written to ``index_output`` (default ``<image_folder>_datalist.json``);
-    3. ``dataset_dir`` + ``grades_csv``: a DICOM tree indexed now, its datalist and report written to
-       ``index_output`` (default: ``<dataset_dir>_datalist.json`` beside the tree);
-    4. nothing: the synthetic demo dataset, generated on first use into a cache folder.
+    3. ``dicom_source``: the keyword arguments of :func:`scripts.dicom_index.write_datalist` besides the label
+       map (``dataset_dir``, ``grades_csv``, the grade table's columns and aliases, ``include_post_contrast``),
+       grouped once in train.yaml for `run indexing` and training alike: a DICOM tree indexed now, its datalist
+       and report written to ``index_output`` (default: ``<dataset_dir>_datalist.json`` beside the tree);
+    4. none of them (no ``dataset_dir`` in ``dicom_source``): the synthetic demo dataset, generated on first
+       use into a cache folder and indexed with ``dicom_source``'s post-contrast switch.
+
+    ``label_map`` (grade or class name -> index) applies to the image folder and the DICOM sources alike.
 
     Every slice is decoded once (:func:`scripts.transforms.split_loadable`); one that cannot be is left out,
     logged, and listed in ``skipped_csv`` (``path,reason,detail``, written whenever given), so one bad file
     never stops a run.
     """
-    records = _resolve_sources(
-        datalist, dataset_dir, grades_csv, index_output, patient_column, grade_column, label_map, grade_aliases,
-        include_post_contrast, demo_cache_dir, image_folder,
-    )  # fmt: skip
-    return _loadable(_with_image_path(records), skipped_csv, what=f"records of {datalist or dataset_dir or 'the demo'}")
+    source = dict(dicom_source or {})
+    records = _resolve_sources(datalist, source, image_folder, label_map, index_output, demo_cache_dir)
+    what = f"records of {datalist or source.get('dataset_dir') or 'the demo'}"
+    return _loadable(_with_image_path(records), skipped_csv, what=what)
 
 
 def _loadable(records: list[dict], skipped_csv: str | Path | None, what: str, skipped: Sequence = ()) -> list[dict]:
@@ -92,11 +92,16 @@ def _loadable(records: list[dict], skipped_csv: str | Path | None, what: str, sk
 
 
 def _resolve_sources(
-    datalist, dataset_dir, grades_csv, index_output, patient_column, grade_column, label_map, grade_aliases,
-    include_post_contrast, demo_cache_dir, image_folder,
-) -> list[dict]:  # fmt: skip
+    datalist: str | None,
+    source: dict[str, Any],
+    image_folder: str | None,
+    label_map: Mapping[str, int] | None,
+    index_output: str | None,
+    demo_cache_dir: str | None,
+) -> list[dict]:
     from scripts.dicom_index import write_datalist
 
+    dataset_dir, grades_csv = source.get("dataset_dir"), source.get("grades_csv")
     if datalist:
         records = load_datalist(datalist)
         logger.info("using datalist %s: %d slices", datalist, len(records))
@@ -121,21 +126,11 @@ def _resolve_sources(
 
         demo = ensure_demo_dataset(demo_cache_dir)
         dataset_dir, grades_csv = demo["dicom_dir"], demo["grades_csv"]
-        patient_column, grade_column = "Sample", "Grade"
+        source.update(dataset_dir=dataset_dir, grades_csv=grades_csv, patient_column="Sample", grade_column="Grade")
         logger.warning("no dataset given: training on the SYNTHETIC demo dataset in %s (not patient data)", dataset_dir)
     if index_output is None:
         index_output = str(Path(dataset_dir).resolve().parent / f"{Path(dataset_dir).name}_datalist.json")
-    records = write_datalist(
-        dataset_dir,
-        grades_csv,
-        index_output,
-        patient_column=patient_column,
-        grade_column=grade_column,
-        label_map=label_map,
-        grade_aliases=grade_aliases,
-        include_post_contrast=include_post_contrast,
-    )
-    return records
+    return write_datalist(datalist=index_output, label_map=label_map, **source)
 
 
 def inference_records(
@@ -148,7 +143,7 @@ def inference_records(
     was not; the others are graded. ``images=True`` (a model trained on an image folder) takes
     a PNG/JPG file or every image below a folder instead (``scripts.image_folder.image_inference_records``).
     """
-    from scripts.dicom_index import select_t1_sagittal
+    from scripts.dicom_index import index_dicom_tree
 
     if not input_path:
         raise ValueError("inference needs --input: a DICOM file, a series folder or a DICOM tree")
@@ -156,7 +151,7 @@ def inference_records(
         from scripts.image_folder import image_inference_records
 
         return image_inference_records(input_path, output_dir)
-    result = select_t1_sagittal(input_path, include_post_contrast=include_post_contrast)
+    result = index_dicom_tree(input_path, include_post_contrast=include_post_contrast)
     skipped_csv = Path(output_dir) / "skipped.csv"
     slices = _loadable(_with_image_path(result.slices), skipped_csv, f"selected slices of {input_path}", result.skipped)
     if not slices:
