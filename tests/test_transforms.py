@@ -122,3 +122,46 @@ def test_training_chain_with_cache_dataset(tmp_path):
     ds = CacheDataset(records, transform=training_transforms(image_size=64), progress=False)
     item = ds[0]
     assert tuple(item["image"].shape) == (3, 64, 64)
+
+
+def test_a_device_cache_holds_the_deterministic_part_there_and_rotates_as_on_the_host(tmp_path):
+    """The CUDA path (train.yaml's ``cache_on_device``), run here with the CPU as the device: the cached part ends
+    with ``ToDeviced``, and the epoch's rotations are the host path's."""
+    records = [
+        {"image": str(write_mr_slice(tmp_path / f"{i}.dcm", _noisy(80, 90, i), **UIDS)), "label": i % 3}
+        for i in range(3)
+    ]
+    on_device = training_transforms(image_size=64, device="cpu")
+    names = [type(t).__name__ for t in on_device.transforms]
+    assert names[-2:] == ["ToDeviced", "RandRotated"]  # cached: everything up to and including the move
+    datasets = [
+        CacheDataset(records, transform=chain, progress=False)
+        for chain in (on_device, training_transforms(image_size=64))
+    ]
+    for dataset in datasets:
+        dataset.transform.set_random_state(seed=5)
+    device_items, host_items = ([dataset[i]["image"] for i in range(3)] for dataset in datasets)
+    for a, b in zip(device_items, host_items, strict=True):
+        assert a.device.type == "cpu" and torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def test_train_yaml_keeps_the_cache_on_the_device_without_workers_when_asked(tmp_path):
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.yaml"))
+    parser.update({"records": [], "device": "$torch.device('cpu')"})
+    assert parser.get_parsed_content("cache_on_device") is False  # the default off CUDA
+    parser.update({"cache_on_device": True})
+    parser.parse(reset=True)
+    chain = parser.get_parsed_content("train#preprocessing")
+    assert [type(t).__name__ for t in chain.transforms][-2:] == ["ToDeviced", "RandRotated"]
+    assert chain.transforms[-2].converter.device == torch.device("cpu")
+    resolved = {key: parser.get_parsed_content(f"train#dataloader#{key}") for key in ("num_workers", "pin_memory")}
+    assert resolved == {"num_workers": 0, "pin_memory": False}
+    parser.update({"cache_on_device": False})
+    parser.parse(reset=True)
+    assert "ToDeviced" not in [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+    assert parser.get_parsed_content("train#dataloader#num_workers") == parser.get_parsed_content("num_workers")

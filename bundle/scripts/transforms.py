@@ -53,6 +53,7 @@ from monai.transforms import (
     RepeatChanneld,
     Resized,
     ScaleIntensityRangePercentilesd,
+    ToDeviced,
 )
 from monai.utils import convert_to_dst_type
 
@@ -223,10 +224,13 @@ def training_transforms(
     rotate_prob: float = 1.0,
     load: bool = True,
     reader: str = "auto",
+    device: str | torch.device | None = None,
 ) -> Compose:
     """:func:`preprocessing_transforms` followed by a random rotation of +-``rotate_degrees`` (see module doc).
 
-    The random transform is last, so ``CacheDataset`` caches the whole deterministic prefix.
+    The random transform is last, so ``CacheDataset`` caches the whole deterministic prefix. With ``device``
+    (a GPU) that prefix ends by moving the slice there (``ToDeviced``): the cache then lives on the device and
+    the rotation runs there, MONAI's recipe for a DataLoader that is never the limit (it then needs no workers).
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     chain = preprocessing_transforms(
@@ -238,6 +242,8 @@ def training_transforms(
         reader=reader,
     )
     steps = list(chain.transforms)
+    if device is not None:
+        steps.append(ToDeviced(keys=keys, device=device))
     if rotate_degrees and rotate_prob > 0:
         steps.append(
             RandRotated(
