@@ -184,6 +184,11 @@ def _experiment_section(summary_file: Path, runs_dir: Path, figures: Path) -> li
     if summary.get("experiment") == "sweep":
         png = plot_sweep(summary, figures / f"{_slug(name)}_sweep.png")
         lines += [f"![sweep of {summary['key']}](figures/{png.name})", ""]
+    if summary.get("experiment") == "evidence":
+        from scripts.evidence import plot_evidence
+
+        png = plot_evidence(summary, figures / f"{_slug(name)}_evidence.png")
+        lines += [f"![test accuracy of each arm over the cells](figures/{png.name})", ""]
     for plot in summary.get("plots", []) if summary.get("experiment") == "tune" else []:
         source = summary_file.parent / plot
         if source.is_file():  # Optuna's own figures: nothing to redraw from the summary

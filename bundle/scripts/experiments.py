@@ -32,6 +32,7 @@ _RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "
 # Keys that configure an experiment itself; its runs must not inherit them.
 EXPERIMENT_KEYS = {
     "output_dir", "n_folds", "sweep_key", "sweep_values", "variants", "runs_dir", "protocols",
+    "arms", "seeds",  # run evidence (scripts/evidence.py)
     # run tune (scripts/tune.py); it gives each trial run its own inner_fold and inner_folds
     "n_trials", "storage", "study_name", "search_space", "search_space_file", "objective", "direction",
     "inner_folds", "inner_fold", "final", "sampler", "pruner", "timeout", "keep_checkpoints",
@@ -214,7 +215,8 @@ def metrics_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], level: 
     return "\n".join(markdown_table(["run", *METRIC_NAMES], table))
 
 
-def _write_summary(output_dir: Path, summary: dict, markdown: str) -> dict:
+def write_summary(output_dir: Path, summary: dict, markdown: str) -> dict:
+    """Write an experiment's ``summary.json`` (NaN as null) and ``summary.md`` into ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2))
     (output_dir / "summary.md").write_text(markdown)
@@ -250,7 +252,7 @@ def cross_validate(
         cells = " | ".join(format_metric(mean[level][m], std[level][m]) for m in METRIC_NAMES)
         lines.append(f"| **mean ± std** | {cells} |")
         lines.append("")
-    return _write_summary(experiment.output_dir, summary, "\n".join(lines))
+    return write_summary(experiment.output_dir, summary, "\n".join(lines))
 
 
 def compare_protocols(
@@ -274,7 +276,7 @@ def compare_protocols(
     lines = ["# Split protocol comparison (same data, same model, same settings)", ""]
     for level in LEVELS:
         lines += [f"## test {level.replace('_', ' ')}", "", metrics_table(rows, level), ""]
-    return _write_summary(experiment.output_dir, summary, "\n".join(lines))
+    return write_summary(experiment.output_dir, summary, "\n".join(lines))
 
 
 def _value_name(value: Any) -> str:
@@ -306,7 +308,7 @@ def sweep(
     for level in LEVELS:
         lines += [f"## test {level.replace('_', ' ')}", "", metrics_table(rows, level), ""]
     lines += ["![sweep](sweep.png)", ""]
-    _write_summary(experiment.output_dir, summary, "\n".join(lines))
+    write_summary(experiment.output_dir, summary, "\n".join(lines))
     plot_sweep(summary, experiment.output_dir / "sweep.png")
     return summary
 
@@ -354,4 +356,4 @@ def compare_models(
     lines = ["# Model comparison on the same splits", ""]
     for level in LEVELS:
         lines += [f"## test {level.replace('_', ' ')}", "", metrics_table(rows, level), ""]
-    return _write_summary(experiment.output_dir, summary, "\n".join(lines))
+    return write_summary(experiment.output_dir, summary, "\n".join(lines))
