@@ -52,6 +52,7 @@ from scripts.flags import as_flag
 from scripts.model_settings import DEFAULTS, read_model_settings
 from scripts.network import load_state_dict_file
 from scripts.reports import average_by
+from scripts.roi import require_whole_slice_model
 from scripts.skip_reasons import REASON_UNREADABLE
 from scripts.tta import FlipTTAInferer
 
@@ -212,6 +213,7 @@ def load_grading_model(model_path: str | Path, device: torch.device | None = Non
         source = "bundle"
     else:
         raise FileNotFoundError(f"MODEL not found: {path}")
+    require_whole_slice_model(settings)  # a model graded on tumour regions needs masks a study does not have
     parser = _parser(config, meta, settings)
     class_names, display_names = _class_names(parser, meta)
     include_post_contrast = parser.get_parsed_content("include_post_contrast", default=True)

@@ -67,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
     "gaussian_kernel": None,
     "pretrained": False,
     "include_post_contrast": True,
+    "roi": "none",
+    "roi_fraction": 0.375,
 }
 SETTING_KEYS = tuple(DEFAULTS)
 _FLAGS = ("fold_pooling", "pretrained", "include_post_contrast")
@@ -86,6 +88,8 @@ def normalised_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             value = as_flag(value)
         elif key in _INTEGERS:
             value = int(value)
+        elif key == "roi_fraction":
+            value = float(value)
         elif key == "gaussian_kernel":
             value = None if value in (None, 0, "0", "none", "None", "null") else int(value)
         elif key == "label_map":

@@ -180,6 +180,7 @@ def preprocessing_transforms(
     keys: Sequence[str] | str = ("image",),
     load: bool = True,
     reader: str = "auto",
+    roi_fraction: float | None = None,
 ) -> Compose:
     """The deterministic chain for validation, evaluation and inference (and the head of the training chain).
 
@@ -195,17 +196,29 @@ def preprocessing_transforms(
     ``reader``: ``"auto"`` (default) reads PNG/JPG/BMP/TIFF files of image-folder datasets with MONAI's
     ``PILReader`` (colour converted to grey) and every other file with ``DicomSliceReader``, so one config
     serves both kinds of datalist; ``"dicom"`` or ``"pil"`` force one reader. Everything after loading is the same.
+
+    ``roi_fraction`` (``--roi mask``): each record also has a lesion mask under ``"mask"``, loaded and resized with
+    the slice (nearest neighbour), and the resized slice is cropped to a square of that fraction of its side
+    around the tumour and resized back (:func:`scripts.roi.roi_transforms`).
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     kernel = _check_kernel(gaussian_kernel)
+    masks = [] if roi_fraction is None else ["mask"]
+    if masks and not load:
+        raise ValueError("roi_fraction needs the chain to load each slice's mask (load=True)")
     steps: list = []
     if load:
-        steps.append(LoadImaged(keys=keys, reader=_reader(reader), image_only=True))
+        steps.append(LoadImaged(keys=[*keys, *masks], reader=_reader(reader), image_only=True))
     steps += [
-        EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
+        EnsureChannelFirstd(keys=[*keys, *masks], channel_dim="no_channel"),
         ScaleIntensityRangePercentilesd(keys=keys, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
         Resized(keys=keys, spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
     ]
+    if masks:
+        from scripts.roi import roi_transforms
+
+        steps.append(Resized(keys=masks, spatial_size=(image_size, image_size), mode="nearest"))
+        steps += roi_transforms(image_size, roi_fraction, keys)
     if kernel is not None:
         steps.append(OpenCVGaussianSmoothd(keys=keys, kernel_size=kernel))
     steps.append(RepeatChanneld(keys=keys, repeats=3))
@@ -225,6 +238,7 @@ def training_transforms(
     load: bool = True,
     reader: str = "auto",
     device: str | torch.device | None = None,
+    roi_fraction: float | None = None,
 ) -> Compose:
     """:func:`preprocessing_transforms` followed by a random rotation of +-``rotate_degrees`` (see module doc).
 
@@ -240,6 +254,7 @@ def training_transforms(
         keys=keys,
         load=load,
         reader=reader,
+        roi_fraction=roi_fraction,
     )
     steps = list(chain.transforms)
     if device is not None:

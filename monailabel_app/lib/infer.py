@@ -29,6 +29,9 @@ class SDLGliomaInfer(BundleInferTask):
         super().__init__(path, conf, type=InferType.CLASSIFICATION, add_post_restore=False, load_strict=True, **kwargs)
         self.class_names: list[str] = []
         if self.is_valid():
+            # a model trained on tumour regions (--roi mask) needs each slice's lesion mask: refuse it, as run
+            # inference does, rather than grade whole slices it never saw
+            self.bundle_config.get_parsed_content("whole_slice_check")
             self.class_names = [str(c) for c in self.bundle_config.get_parsed_content("class_names")]
             # MONAI Label offers every models/*.pt as a choice; the resume checkpoints there are not models
             self._config["model_filename"] = [MODEL_FILE]
