@@ -72,6 +72,7 @@ __all__ = [
     "default_cache_dir",
     "demo_cohort",
     "ensure_demo_dataset",
+    "find_demo_info",
     "generate_demo_dataset",
     "render_series",
 ]
@@ -466,6 +467,16 @@ def generate_demo_dataset(
 
 def _paths(root: Path) -> dict[str, str]:
     return {"dicom_dir": str(root / "dicom"), "grades_csv": str(root / "grades.csv"), "info": str(root / INFO_NAME)}
+
+
+def find_demo_info(path: str | Path) -> Path | None:
+    """The ``demo_info.json`` of the demo tree that holds ``path`` (a slice, a mask), searched upwards; None
+    outside a demo tree. How experiments find the demo's ceiling and its lesion masks from a datalist."""
+    for folder in Path(path).parents:
+        info = folder / INFO_NAME
+        if info.is_file():
+            return info
+    return None
 
 
 def default_cache_dir() -> Path:

@@ -120,20 +120,23 @@ def _cell_overrides(arm: Arm, fold: int, seed: int, n_folds: int) -> dict[str, A
     return {**arm.overrides, "seed": seed, "split_protocol": "kfold", "fold": fold, "n_folds": n_folds}
 
 
+def _cell_name(arm: str, fold: int, seed: int) -> str:
+    return f"{arm}/seed_{seed}_fold_{fold}"
+
+
 def _ceiling(run_dir: Path) -> dict[str, float] | None:
     """The demo's known best accuracy, from the ``demo_info.json`` of the tree a run's test slices came from."""
-    predictions = run_dir / "eval" / "predictions.csv"
+    from scripts.demo_data import find_demo_info
+
     try:
-        with open(predictions, newline="") as f:
-            image = Path(next(csv.DictReader(f))["image_path"])
+        with open(run_dir / "eval" / "predictions.csv", newline="") as f:
+            info = find_demo_info(next(csv.DictReader(f))["image_path"])
     except (OSError, StopIteration, KeyError):
         return None
-    for folder in image.parents:
-        info = folder / "demo_info.json"
-        if info.is_file():
-            content = json.loads(info.read_text())
-            return {k: content[k] for k in ("ceiling_accuracy_patient", "ceiling_accuracy_slice") if k in content}
-    return None
+    if info is None:
+        return None
+    content = json.loads(info.read_text())
+    return {k: content[k] for k in ("ceiling_accuracy_patient", "ceiling_accuracy_slice") if k in content}
 
 
 def run_evidence(
@@ -163,7 +166,7 @@ def run_evidence(
         extra = [str(config_dir / f) for f in arm.config_files]
         rows = []
         for fold, seed in cells:
-            spec = RunSpec(f"{name}/seed_{seed}_fold_{fold}", _cell_overrides(arm, fold, seed, n_folds), extra)
+            spec = RunSpec(_cell_name(name, fold, seed), _cell_overrides(arm, fold, seed, n_folds), extra)
             metrics = experiment.run(spec)
             rows.append({"fold": fold, "seed": seed, "n_test_slices": metrics["n_slices"],
                          "n_test_patients": metrics["n_patients"], **headline_metrics(metrics)})  # fmt: skip
@@ -178,7 +181,7 @@ def run_evidence(
                 values = [[cell[level][metric] for cell in results[arm]["cells"]] for arm in (first, second)]
                 comparison = paired_comparison(values[0], values[1], ratio)
                 paired.append({"a": first, "b": second, "level": level, "metric": metric, **comparison})
-    ceiling = _ceiling(experiment.output_dir / f"{arms[0]}/seed_{seeds[0]}_fold_0")
+    ceiling = _ceiling(experiment.output_dir / _cell_name(arms[0], 0, seeds[0]))
     summary = {
         "experiment": "evidence",
         "design": f"{n_folds}-fold patient-grouped cross-validation x seeds {seeds} (each seed its own folds)",

@@ -21,6 +21,7 @@ which this bundle does not have yet, so `run inference` refuses a model trained 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,14 +45,11 @@ def _check_mode(roi: str) -> str:
 
 
 def find_masks_csv(records: Sequence[Mapping[str, Any]]) -> Path | None:
-    """The ``masks/masks.csv`` of the demo tree the records' slices come from (searched upwards), or None."""
-    if not records:
-        return None
-    for folder in Path(str(records[0].get("image_path", records[0]["image"]))).parents:
-        candidate = folder / "masks" / "masks.csv"
-        if candidate.is_file():
-            return candidate
-    return None
+    """The masks CSV of the demo tree the records' slices come from (its ``demo_info.json`` names it), or None."""
+    from scripts.demo_data import find_demo_info
+
+    info = find_demo_info(str(records[0].get("image_path", records[0]["image"]))) if records else None
+    return info.parent / json.loads(info.read_text())["masks_csv"] if info else None
 
 
 def _read_masks(masks_csv: Path) -> dict[str, tuple[str, int]]:
@@ -88,9 +86,9 @@ def roi_records(
         return list(records)
     path = Path(masks_csv) if masks_csv else find_masks_csv(records)
     if path is None or not path.is_file():
+        where = f"{path} was not found" if path else "the slices are not in a demo tree, which brings its own"
         raise FileNotFoundError(
-            f"--roi mask needs lesion masks: give --masks_csv (columns sop_instance_uid, mask, tumour_pixels); "
-            f"{path or 'no masks/masks.csv beside the slices'} was not found"
+            f"--roi mask needs lesion masks: give --masks_csv (columns sop_instance_uid, mask, tumour_pixels); {where}"
         )
     masks = _read_masks(path)
     kept = []

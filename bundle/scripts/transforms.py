@@ -59,6 +59,7 @@ from monai.utils import convert_to_dst_type
 
 from scripts.dicom_reader import DicomSliceReader
 from scripts.flags import as_flag
+from scripts.roi import roi_transforms
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -215,8 +216,6 @@ def preprocessing_transforms(
         Resized(keys=keys, spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
     ]
     if masks:
-        from scripts.roi import roi_transforms
-
         steps.append(Resized(keys=masks, spatial_size=(image_size, image_size), mode="nearest"))
         steps += roi_transforms(image_size, roi_fraction, keys)
     if kernel is not None:
